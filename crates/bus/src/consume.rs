@@ -1,0 +1,407 @@
+//! Consuming: manual acks after the effect is durable, bounded prefetch, de-duplication by
+//! message id, dead-lettering with the reason, and a loop that outlives the broker.
+//!
+//! The loop (re)connects with backoff, re-declares the exchange and its queue, sets the
+//! prefetch, and consumes. When the channel or connection dies, unacked deliveries go back
+//! to the queue and come again (`redelivered`); delivery tags of the dead channel are never
+//! used again. Deliveries are handled one at a time, in queue order.
+
+use crate::backoff::Backoff;
+use crate::connection::Bus;
+use crate::error::BusError;
+use crate::publish::{Outgoing, Publisher, Retry};
+use crate::topology::{self, QueueSpec};
+use convoy_message::{Message, Rejection, RejectionCode};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A delivery that decoded into a valid envelope.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub message: Message,
+    pub routing_key: String,
+    /// The broker delivered it before (to this or another consumer) without an ack.
+    pub redelivered: bool,
+    /// The exact bytes received (for journals that republish them unchanged).
+    pub raw: Vec<u8>,
+}
+
+/// What to do with a delivery once the handler is done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// The effect is durable: acknowledge.
+    Ack,
+    /// Refuse it for good: copy it to the dead-letter queue with the reason, then ack.
+    DeadLetter(Rejection),
+    /// A transient failure (e.g. a disk or database busy): requeue after a pause.
+    Retry,
+}
+
+/// What a consumer does with each message.
+pub trait Handler: Send + Sync {
+    fn handle(&self, incoming: Incoming) -> impl Future<Output = Disposition> + Send;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Incoming) -> Fut + Send + Sync,
+    Fut: Future<Output = Disposition> + Send,
+{
+    fn handle(&self, incoming: Incoming) -> impl Future<Output = Disposition> + Send {
+        self(incoming)
+    }
+}
+
+/// A message delivered this many times without an outcome is dead-lettered instead of
+/// crashing its consumer forever.
+pub const POISON_DELIVERIES: i64 = 50;
+
+/// Dead-lettered copies keep at most this many bytes of the original body.
+const DEAD_LETTER_MAX_BYTES: usize = 1024 * 1024;
+
+/// Ids already processed, with a fingerprint of their bytes: the same id with the same bytes
+/// is a duplicate; the same id with other bytes is a replay.
+struct Seen {
+    map: HashMap<Uuid, u64>,
+    order: VecDeque<Uuid>,
+    capacity: usize,
+}
+
+impl Seen {
+    fn new(capacity: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn get(&self, id: &Uuid) -> Option<u64> {
+        self.map.get(id).copied()
+    }
+
+    fn insert(&mut self, id: Uuid, fingerprint: u64) {
+        if self.map.insert(id, fingerprint).is_none() {
+            self.order.push_back(id);
+            if self.order.len() > self.capacity
+                && let Some(old) = self.order.pop_front()
+            {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
+fn fingerprint(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// Consumes one queue until cancelled, surviving broker restarts.
+pub struct Consumer {
+    bus: Bus,
+    spec: QueueSpec,
+    dead: Publisher,
+    seen: Option<Seen>,
+    tag: String,
+}
+
+impl Consumer {
+    /// A consumer of `spec`, de-duplicating the last 100,000 ids in memory.
+    pub fn new(bus: Bus, spec: QueueSpec) -> Self {
+        let tag = format!(
+            "{}@{}-{}",
+            spec.name,
+            std::process::id(),
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
+        Self {
+            dead: Publisher::new(bus.clone()),
+            bus,
+            spec,
+            seen: Some(Seen::new(100_000)),
+            tag,
+        }
+    }
+
+    /// Hands duplicates to the handler too. For handlers that keep their own durable journal
+    /// and must answer a repeated command (the agent).
+    pub fn without_dedup(mut self) -> Self {
+        self.seen = None;
+        self
+    }
+
+    pub fn queue(&self) -> &QueueSpec {
+        &self.spec
+    }
+
+    /// Runs until `cancel` fires. In-flight handling finishes first; prefetched but
+    /// unhandled deliveries go back to the queue when the channel closes.
+    pub async fn run<H: Handler>(
+        mut self,
+        handler: &H,
+        cancel: CancellationToken,
+    ) -> Result<(), BusError> {
+        let mut backoff = Backoff::new(self.bus.config().max_backoff());
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            match self.session(handler, &cancel, &mut backoff).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(queue = %self.spec.name, error = %e, retry_in = ?delay,
+                        "consumer lost its channel; reconnecting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Declares the exchanges and this consumer's queue (also done on every reconnect).
+    pub async fn declare(&self) -> Result<(), BusError> {
+        let conn = self.bus.connection().await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(BusError::amqp("opening a channel"))?;
+        topology::declare_exchanges(&channel, self.bus.exchange()).await?;
+        topology::declare_queue(&channel, self.bus.exchange(), &self.spec).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    async fn session<H: Handler>(
+        &mut self,
+        handler: &H,
+        cancel: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<(), BusError> {
+        let conn = self.bus.connection().await?;
+        let exchange = self.bus.exchange().to_owned();
+        let prefetch = self.bus.config().tuning.prefetch;
+        let setup = async {
+            let channel = conn
+                .create_channel()
+                .await
+                .map_err(BusError::amqp("opening a channel"))?;
+            topology::declare_exchanges(&channel, &exchange).await?;
+            topology::declare_queue(&channel, &exchange, &self.spec).await?;
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await
+                .map_err(BusError::amqp("setting the prefetch"))?;
+            let consumer = channel
+                .basic_consume(
+                    self.spec.name.as_str().into(),
+                    self.tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(BusError::amqp(format!("consuming from {}", self.spec.name)))?;
+            Ok::<_, BusError>((channel, consumer))
+        };
+        let (channel, mut consumer) =
+            match tokio::time::timeout(self.bus.config().connect_timeout(), setup).await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) => {
+                    self.bus.discard(&conn).await;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.bus.discard(&conn).await;
+                    return Err(BusError::ConnectTimeout {
+                        url: self.bus.config().redacted_url(),
+                        timeout: self.bus.config().connect_timeout(),
+                    });
+                }
+            };
+        backoff.reset();
+        tracing::info!(queue = %self.spec.name, "consuming");
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    let stop = async {
+                        let _ = channel.basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default()).await;
+                        let _ = channel.close(200, "shutting down".into()).await;
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), stop).await;
+                    return Ok(());
+                }
+                next = consumer.next() => next,
+            };
+            match next {
+                None => return Err(BusError::ConsumerCancelled(self.spec.name.clone())),
+                Some(Err(source)) => {
+                    self.bus.discard(&conn).await;
+                    return Err(BusError::Amqp {
+                        context: format!("receiving from {}", self.spec.name),
+                        source,
+                    });
+                }
+                Some(Ok(delivery)) => {
+                    if let Err(e) = self.process(handler, delivery).await {
+                        self.bus.discard(&conn).await;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process<H: Handler>(&mut self, handler: &H, delivery: Delivery) -> Result<(), BusError> {
+        let message = match Message::decode(&delivery.data) {
+            Ok(m) => m,
+            Err(rejection) => return self.dead_letter(&delivery, rejection).await,
+        };
+        let print = fingerprint(&delivery.data);
+        if let Some(seen) = &self.seen
+            && let Some(known) = seen.get(&message.id)
+        {
+            if known == print {
+                tracing::debug!(id = %message.id, "duplicate delivery skipped");
+                return ack(&delivery).await;
+            }
+            let rejection = Rejection::new(
+                RejectionCode::Replayed,
+                format!("id {} was already used by a different message", message.id),
+            );
+            return self.dead_letter(&delivery, rejection).await;
+        }
+        if delivery_count(&delivery) >= POISON_DELIVERIES {
+            let rejection = Rejection::new(
+                RejectionCode::Unexpected,
+                format!(
+                    "delivered {POISON_DELIVERIES} times without an outcome (its consumer keeps failing on it)"
+                ),
+            );
+            return self.dead_letter(&delivery, rejection).await;
+        }
+        let id = message.id;
+        let incoming = Incoming {
+            message,
+            routing_key: delivery.routing_key.to_string(),
+            redelivered: delivery.redelivered,
+            raw: delivery.data.clone(),
+        };
+        match handler.handle(incoming).await {
+            Disposition::Ack => {
+                ack(&delivery).await?;
+                if let Some(seen) = &mut self.seen {
+                    seen.insert(id, print);
+                }
+                Ok(())
+            }
+            Disposition::DeadLetter(rejection) => {
+                self.dead_letter(&delivery, rejection).await?;
+                if let Some(seen) = &mut self.seen {
+                    seen.insert(id, print);
+                }
+                Ok(())
+            }
+            Disposition::Retry => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+                    .map_err(BusError::amqp("requeueing a delivery"))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies the delivery to the dead-letter exchange with the reason, then acks it.
+    async fn dead_letter(&self, delivery: &Delivery, rejection: Rejection) -> Result<(), BusError> {
+        let props = &delivery.properties;
+        let id = props
+            .message_id()
+            .as_ref()
+            .and_then(|s| Uuid::parse_str(s.as_str()).ok())
+            .unwrap_or_else(Uuid::new_v4);
+        let kind = props
+            .kind()
+            .as_ref()
+            .map(|k| k.to_string())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let mut payload = delivery.data.clone();
+        let mut headers = vec![
+            ("x-convoy-reason".to_owned(), rejection.code.as_str().to_owned()),
+            ("x-convoy-detail".to_owned(), rejection.detail.clone()),
+            ("x-convoy-queue".to_owned(), self.spec.name.clone()),
+            ("x-convoy-routing-key".to_owned(), delivery.routing_key.to_string()),
+            ("x-convoy-rejected-by".to_owned(), self.tag.clone()),
+            ("x-convoy-rejected-at".to_owned(), chrono::Utc::now().to_rfc3339()),
+        ];
+        if payload.len() > DEAD_LETTER_MAX_BYTES {
+            headers.push(("x-convoy-truncated-from".to_owned(), payload.len().to_string()));
+            payload.truncate(DEAD_LETTER_MAX_BYTES);
+        }
+        let out = Outgoing {
+            exchange: Some(topology::dead_exchange(self.bus.exchange())),
+            routing_key: delivery.routing_key.to_string(),
+            id,
+            kind,
+            payload,
+            headers,
+        };
+        let budget = self.bus.config().confirm_timeout() * 2;
+        if let Err(e) = self.dead.publish(&out, Retry::within(budget)).await {
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+            return Err(BusError::DeadLetter {
+                id,
+                reason: e.to_string(),
+            });
+        }
+        tracing::warn!(queue = %self.spec.name, %id, reason = %rejection.code,
+            detail = %rejection.detail, "message refused and dead-lettered");
+        ack(delivery).await
+    }
+}
+
+async fn ack(delivery: &Delivery) -> Result<(), BusError> {
+    delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .map(|_| ())
+        .map_err(BusError::amqp("acknowledging a delivery"))
+}
+
+/// The quorum queue's count of earlier deliveries (`x-delivery-count`), 0 if absent.
+fn delivery_count(delivery: &Delivery) -> i64 {
+    let Some(headers) = delivery.properties.headers() else {
+        return 0;
+    };
+    match headers.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        _ => 0,
+    }
+}

@@ -1,0 +1,143 @@
+//! The broker objects convoy uses. Declarations are idempotent and repeated on every
+//! (re)connection, so a broker that lost its definitions gets them back.
+//!
+//! - the exchange (`CONVOY_EXCHANGE`, default `convoy`): durable, topic;
+//! - the dead-letter exchange `<exchange>.dead` (durable, fanout) and queue `<exchange>.dead`
+//!   (durable quorum), where refused messages wait with `x-convoy-reason` headers;
+//! - one durable quorum queue per consumer role, bound to the keys it needs, with no TTL and
+//!   no expiry: a host that is down finds its commands waiting.
+
+use crate::error::BusError;
+use convoy_message::names::HostName;
+use convoy_message::routing::queue;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+
+/// A queue a consumer reads, with the routing keys bound to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub name: String,
+    /// Topic binding keys on the main exchange.
+    pub bindings: Vec<String>,
+    /// Only one consumer receives at a time; the others wait as hot standbys.
+    pub single_active_consumer: bool,
+    /// Keep at most this many messages, dropping the oldest (heartbeats only).
+    pub max_length: Option<u32>,
+}
+
+impl QueueSpec {
+    pub fn new(name: impl Into<String>, bindings: Vec<String>) -> Self {
+        Self {
+            name: name.into(),
+            bindings,
+            single_active_consumer: false,
+            max_length: None,
+        }
+    }
+
+    /// A host's command queue: `cmd.<host>`, single active consumer.
+    pub fn commands(exchange: &str, host: &HostName) -> Self {
+        Self {
+            single_active_consumer: true,
+            ..Self::new(
+                queue::commands(exchange, host),
+                vec![convoy_message::routing::command(host)],
+            )
+        }
+    }
+
+    fn arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        if self.single_active_consumer {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        if let Some(max) = self.max_length {
+            args.insert("x-max-length".into(), AMQPValue::LongInt(max.min(i32::MAX as u32) as i32));
+            args.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+        }
+        args
+    }
+}
+
+/// The dead-letter exchange's name for a given main exchange.
+pub fn dead_exchange(exchange: &str) -> String {
+    format!("{exchange}.dead")
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+/// Declares the main exchange, the dead-letter exchange and the dead-letter queue.
+pub async fn declare_exchanges(channel: &Channel, exchange: &str) -> Result<(), BusError> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BusError::amqp(format!("declaring exchange {exchange}")))?;
+    let dead = dead_exchange(exchange);
+    channel
+        .exchange_declare(
+            dead.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BusError::amqp(format!("declaring exchange {dead}")))?;
+    let spec = QueueSpec::new(queue::dead(exchange), vec![]);
+    declare_queue_on(channel, &dead, &spec, &["".to_owned()]).await
+}
+
+/// Declares a consumer's queue and binds its keys on the main exchange.
+pub async fn declare_queue(
+    channel: &Channel,
+    exchange: &str,
+    spec: &QueueSpec,
+) -> Result<(), BusError> {
+    declare_queue_on(channel, exchange, spec, &spec.bindings).await
+}
+
+async fn declare_queue_on(
+    channel: &Channel,
+    exchange: &str,
+    spec: &QueueSpec,
+    bindings: &[String],
+) -> Result<(), BusError> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(spec.name.as_str().into(), options, spec.arguments())
+        .await
+        .map_err(BusError::amqp(format!(
+            "declaring queue {} (if it exists with other arguments, delete it or run `convoy bus setup`)",
+            spec.name
+        )))?;
+    for key in bindings {
+        channel
+            .queue_bind(
+                spec.name.as_str().into(),
+                exchange.into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BusError::amqp(format!(
+                "binding {key:?} to queue {}",
+                spec.name
+            )))?;
+    }
+    Ok(())
+}
