@@ -1,1 +1,61 @@
+//! Test support shared by convoy's integration tests. Everything here is real: a real
+//! RabbitMQ (the shared one on 127.0.0.1:5672, or a private node a test may kill), real
+//! `git`, real processes.
+//!
+//! # Layout
+//!
+//! - [`bus`]: [`TestBus`], a unique exchange per test on the shared broker, queues deleted on
+//!   drop; [`Tap`], a throwaway queue that records what was published.
+//! - [`broker`]: [`BrokerNode`], a private RabbitMQ node to stop, kill and restart.
+//! - [`git`]: repositories made with the git CLI in temp dirs.
+//! - [`process`]: [`Daemon`], a spawned binary with its log, killed on drop.
+//! - [`wait_until`]: polling with a deadline, never a bare sleep.
 
+pub mod broker;
+pub mod bus;
+pub mod git;
+pub mod process;
+
+pub use broker::BrokerNode;
+pub use bus::{Tap, TestBus};
+pub use process::Daemon;
+
+use std::time::Duration;
+
+/// A name no other test (or earlier run) uses: `<prefix>-<pid>-<random>`.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}-{}", std::process::id(), &id[..8])
+}
+
+/// The shared broker tests use, `CONVOY_TEST_AMQP_URL` or guest on 127.0.0.1:5672.
+pub fn shared_amqp_url() -> String {
+    std::env::var("CONVOY_TEST_AMQP_URL")
+        .unwrap_or_else(|_| convoy_bus::DEFAULT_AMQP_URL.to_owned())
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}

@@ -1,0 +1,110 @@
+//! Publish → consume through a real RabbitMQ, with confirms; unroutable is an error.
+
+use convoy_bus::{Bus, Consumer, Disposition, Incoming, Outgoing, PublishError, Publisher, QueueSpec, Retry};
+use convoy_message::names::{Name, RefName, Sha};
+use convoy_message::{Body, Message, PushChange, PushEvent, RefKind, routing};
+use convoy_testkit::{TestBus, wait_until};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn push(repo: &str, n: u8) -> Message {
+    Message::new(
+        "test@here",
+        Body::Push(PushEvent {
+            repo: Name::new(repo).unwrap(),
+            git_ref: RefName::new("refs/heads/main").unwrap(),
+            ref_kind: RefKind::Branch,
+            old: Sha::new(format!("{:040x}", n)).unwrap(),
+            new: Sha::new(format!("{:040x}", u32::from(n) + 1)).unwrap(),
+            change: PushChange::Updated,
+            commits: vec![],
+            truncated: false,
+            pusher: None,
+        }),
+    )
+}
+
+#[tokio::test]
+async fn published_messages_arrive_once_in_order() -> anyhow::Result<()> {
+    let tb = TestBus::new();
+    let bus = Bus::new(tb.config(), "roundtrip")?;
+    let spec = QueueSpec::new(tb.queue("q"), vec!["push.web".into()]);
+    let consumer = Consumer::new(bus.clone(), spec);
+    consumer.declare().await?;
+
+    let publisher = Publisher::new(bus.clone());
+    let sent: Vec<Message> = (0..20).map(|n| push("web", n)).collect();
+    for m in &sent {
+        publisher.publish(&Outgoing::message(m)?, Retry::once()).await?;
+    }
+    // A duplicate publication of the first message (as after a lost confirm).
+    publisher.publish(&Outgoing::message(&sent[0])?, Retry::once()).await?;
+
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let cancel = CancellationToken::new();
+    let handler = {
+        let got = got.clone();
+        move |incoming: Incoming| {
+            let got = got.clone();
+            async move {
+                got.lock().unwrap().push(incoming.message);
+                Disposition::Ack
+            }
+        }
+    };
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { consumer.run(&handler, cancel).await }
+    });
+    wait_until(Duration::from_secs(10), "20 messages", || {
+        let n = got.lock().unwrap().len();
+        async move { (n >= 20).then_some(()) }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.cancel();
+    task.await??;
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got, sent, "each message once, in publication order");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unroutable_publish_is_an_error() -> anyhow::Result<()> {
+    let tb = TestBus::new();
+    let bus = Bus::new(tb.config(), "unroutable")?;
+    let publisher = Publisher::new(bus);
+    let message = push("nobody-listens", 1);
+    let err = publisher
+        .publish(&Outgoing::message(&message)?, Retry::once())
+        .await
+        .expect_err("an unroutable message must not count as sent");
+    assert!(matches!(err, PublishError::Unroutable { .. }), "{err}");
+    assert!(err.to_string().contains("push.nobody-listens"), "{err}");
+
+    // Retrying within a budget still fails, and says how often it tried.
+    let err = publisher
+        .publish(&Outgoing::message(&message)?, Retry::within(Duration::from_millis(800)))
+        .await
+        .expect_err("still unroutable");
+    assert!(matches!(err, PublishError::GaveUp { .. }), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_fails_within_the_budget() -> anyhow::Result<()> {
+    let port = convoy_testkit::free_port();
+    let mut config = TestBus::new().config();
+    config.amqp_url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let publisher = Publisher::new(Bus::new(config, "nowhere")?);
+    let started = std::time::Instant::now();
+    let out = Outgoing::with_key(&push("web", 1), routing::push(&Name::new("web")?))?;
+    let err = publisher
+        .publish(&out, Retry::within(Duration::from_millis(700)))
+        .await
+        .expect_err("nothing listens on that port");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(err.to_string().contains("connect"), "{err}");
+    Ok(())
+}
