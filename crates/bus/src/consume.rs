@@ -270,7 +270,7 @@ impl Consumer {
     async fn process<H: Handler>(&mut self, handler: &H, delivery: Delivery) -> Result<(), BusError> {
         let message = match Message::decode(&delivery.data) {
             Ok(m) => m,
-            Err(rejection) => return self.dead_letter(&delivery, rejection).await,
+            Err(rejection) => return self.dead_letter(&delivery, rejection, None).await,
         };
         let print = fingerprint(&delivery.data);
         if let Some(seen) = &self.seen
@@ -284,7 +284,7 @@ impl Consumer {
                 RejectionCode::Replayed,
                 format!("id {} was already used by a different message", message.id),
             );
-            return self.dead_letter(&delivery, rejection).await;
+            return self.dead_letter(&delivery, rejection, None).await;
         }
         if delivery_count(&delivery) >= POISON_DELIVERIES {
             let rejection = Rejection::new(
@@ -293,7 +293,7 @@ impl Consumer {
                     "delivered {POISON_DELIVERIES} times without an outcome (its consumer keeps failing on it)"
                 ),
             );
-            return self.dead_letter(&delivery, rejection).await;
+            return self.dead_letter(&delivery, rejection, None).await;
         }
         let id = message.id;
         let incoming = Incoming {
@@ -303,19 +303,16 @@ impl Consumer {
             raw: delivery.data.clone(),
         };
         match handler.handle(incoming).await {
+            // The effect happened whether or not the ack reaches the broker: remember the id
+            // first, so a redelivery after a lost ack is recognised.
             Disposition::Ack => {
-                ack(&delivery).await?;
                 if let Some(seen) = &mut self.seen {
                     seen.insert(id, print);
                 }
-                Ok(())
+                ack(&delivery).await
             }
             Disposition::DeadLetter(rejection) => {
-                self.dead_letter(&delivery, rejection).await?;
-                if let Some(seen) = &mut self.seen {
-                    seen.insert(id, print);
-                }
-                Ok(())
+                self.dead_letter(&delivery, rejection, Some((id, print))).await
             }
             Disposition::Retry => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -332,7 +329,12 @@ impl Consumer {
     }
 
     /// Copies the delivery to the dead-letter exchange with the reason, then acks it.
-    async fn dead_letter(&self, delivery: &Delivery, rejection: Rejection) -> Result<(), BusError> {
+    async fn dead_letter(
+        &mut self,
+        delivery: &Delivery,
+        rejection: Rejection,
+        remember: Option<(Uuid, u64)>,
+    ) -> Result<(), BusError> {
         let props = &delivery.properties;
         let id = props
             .message_id()
@@ -380,6 +382,9 @@ impl Consumer {
         }
         tracing::warn!(queue = %self.spec.name, %id, reason = %rejection.code,
             detail = %rejection.detail, "message refused and dead-lettered");
+        if let (Some(seen), Some((id, print))) = (&mut self.seen, remember) {
+            seen.insert(id, print);
+        }
         ack(delivery).await
     }
 }
