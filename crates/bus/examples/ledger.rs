@@ -21,7 +21,12 @@ struct Ledger {
 impl convoy_bus::Handler for Ledger {
     async fn handle(&self, incoming: Incoming) -> Disposition {
         let id = incoming.message.id.to_string();
-        if self.seen.lock().unwrap_or_else(|p| p.into_inner()).contains(&id) {
+        if self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+        {
             return Disposition::Ack;
         }
         tokio::time::sleep(self.delay).await;
@@ -32,7 +37,10 @@ impl convoy_bus::Handler for Ledger {
         };
         match written {
             Ok(()) => {
-                self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+                self.seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id);
                 Disposition::Ack
             }
             Err(_) => Disposition::Retry,
@@ -56,7 +64,10 @@ async fn main() -> anyhow::Result<()> {
         .lines()
         .map(str::to_owned)
         .collect();
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(ledger)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ledger)?;
     let handler = Ledger {
         file: Mutex::new(file),
         seen: Mutex::new(seen),

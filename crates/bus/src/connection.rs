@@ -60,12 +60,14 @@ impl Bus {
             return Err(BusError::BadExchange(ex.clone()));
         }
         let tls = match &config.tuning.tls_ca_file {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| {
-                BusError::TlsCa {
-                    path: path.clone(),
-                    source,
-                }
-            })?),
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| BusError::TlsCa {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
             None => None,
         };
         Ok(Self {
@@ -97,7 +99,10 @@ impl Bus {
             return Ok(conn.clone());
         }
         if let Some(dead) = current.take() {
-            tracing::debug!(errored = dead.status().errored(), "dropping dead connection");
+            tracing::debug!(
+                errored = dead.status().errored(),
+                "dropping dead connection"
+            );
         }
         let conn = Arc::new(self.connect_once().await?);
         tracing::info!(url = %self.inner.config.redacted_url(), "connected to the broker");

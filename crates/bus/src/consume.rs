@@ -267,7 +267,11 @@ impl Consumer {
         }
     }
 
-    async fn process<H: Handler>(&mut self, handler: &H, delivery: Delivery) -> Result<(), BusError> {
+    async fn process<H: Handler>(
+        &mut self,
+        handler: &H,
+        delivery: Delivery,
+    ) -> Result<(), BusError> {
         let message = match Message::decode(&delivery.data) {
             Ok(m) => m,
             Err(rejection) => return self.dead_letter(&delivery, rejection, None).await,
@@ -312,7 +316,8 @@ impl Consumer {
                 ack(&delivery).await
             }
             Disposition::DeadLetter(rejection) => {
-                self.dead_letter(&delivery, rejection, Some((id, print))).await
+                self.dead_letter(&delivery, rejection, Some((id, print)))
+                    .await
             }
             Disposition::Retry => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -348,15 +353,27 @@ impl Consumer {
             .unwrap_or_else(|| "unknown".to_owned());
         let mut payload = delivery.data.clone();
         let mut headers = vec![
-            ("x-convoy-reason".to_owned(), rejection.code.as_str().to_owned()),
+            (
+                "x-convoy-reason".to_owned(),
+                rejection.code.as_str().to_owned(),
+            ),
             ("x-convoy-detail".to_owned(), rejection.detail.clone()),
             ("x-convoy-queue".to_owned(), self.spec.name.clone()),
-            ("x-convoy-routing-key".to_owned(), delivery.routing_key.to_string()),
+            (
+                "x-convoy-routing-key".to_owned(),
+                delivery.routing_key.to_string(),
+            ),
             ("x-convoy-rejected-by".to_owned(), self.tag.clone()),
-            ("x-convoy-rejected-at".to_owned(), chrono::Utc::now().to_rfc3339()),
+            (
+                "x-convoy-rejected-at".to_owned(),
+                chrono::Utc::now().to_rfc3339(),
+            ),
         ];
         if payload.len() > DEAD_LETTER_MAX_BYTES {
-            headers.push(("x-convoy-truncated-from".to_owned(), payload.len().to_string()));
+            headers.push((
+                "x-convoy-truncated-from".to_owned(),
+                payload.len().to_string(),
+            ));
             payload.truncate(DEAD_LETTER_MAX_BYTES);
         }
         let out = Outgoing {

@@ -14,9 +14,7 @@ pub enum BusError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "could not connect to {url} within {timeout:?} (is the broker running and reachable?)"
-    )]
+    #[error("could not connect to {url} within {timeout:?} (is the broker running and reachable?)")]
     ConnectTimeout { url: String, timeout: Duration },
     #[error("could not connect to {url}: {source}")]
     Connect { url: String, source: lapin::Error },

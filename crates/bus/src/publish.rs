@@ -193,9 +193,14 @@ impl Publisher {
     }
 
     /// Publishes a message under its natural routing key until confirmed or cancelled.
-    pub async fn send(&self, message: &Message, cancel: &CancellationToken) -> Result<(), PublishError> {
+    pub async fn send(
+        &self,
+        message: &Message,
+        cancel: &CancellationToken,
+    ) -> Result<(), PublishError> {
         let out = Outgoing::message(message)?;
-        self.publish(&out, Retry::until_cancelled(cancel.clone())).await
+        self.publish(&out, Retry::until_cancelled(cancel.clone()))
+            .await
     }
 
     /// One attempt: get (or open) the confirm channel, publish, await the confirm.

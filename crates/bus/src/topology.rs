@@ -49,13 +49,22 @@ impl QueueSpec {
 
     fn arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
         if self.single_active_consumer {
             args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         }
         if let Some(max) = self.max_length {
-            args.insert("x-max-length".into(), AMQPValue::LongInt(max.min(i32::MAX as u32) as i32));
-            args.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+            args.insert(
+                "x-max-length".into(),
+                AMQPValue::LongInt(max.min(i32::MAX as u32) as i32),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("drop-head".into()),
+            );
         }
         args
     }

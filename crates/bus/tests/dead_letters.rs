@@ -88,7 +88,10 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason() -> anyhow::R
     }
     // A good command last: the consumer must still be going.
     publisher
-        .publish(&Outgoing::with_key(&key.command_message("x", &good), &rk)?, Retry::once())
+        .publish(
+            &Outgoing::with_key(&key.command_message("x", &good), &rk)?,
+            Retry::once(),
+        )
         .await?;
 
     let accepted = Arc::new(Mutex::new(Vec::new()));
@@ -116,11 +119,20 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason() -> anyhow::R
 
     for (reason, out) in &cases {
         let letter = dead.next(Duration::from_secs(10)).await?;
-        assert_eq!(letter.header("x-convoy-reason"), Some(*reason), "{:?}", letter.headers);
+        assert_eq!(
+            letter.header("x-convoy-reason"),
+            Some(*reason),
+            "{:?}",
+            letter.headers
+        );
         assert!(!letter.header("x-convoy-detail").unwrap_or("").is_empty());
         assert_eq!(letter.header("x-convoy-routing-key"), Some(rk.as_str()));
         if *reason == "oversized" {
-            assert_eq!(letter.data.len(), out.payload.len(), "kept whole below 1 MiB");
+            assert_eq!(
+                letter.data.len(),
+                out.payload.len(),
+                "kept whole below 1 MiB"
+            );
         } else {
             assert_eq!(letter.data, out.payload, "the original bytes are kept");
         }
@@ -153,7 +165,9 @@ async fn a_reused_id_with_other_bytes_is_a_replay() -> anyhow::Result<()> {
     let second = key.command_message("x", &second_cmd);
     let publisher = Publisher::new(bus.clone());
     for m in [&first, &first, &second] {
-        publisher.publish(&Outgoing::with_key(m, "cmd.web1")?, Retry::once()).await?;
+        publisher
+            .publish(&Outgoing::with_key(m, "cmd.web1")?, Retry::once())
+            .await?;
     }
     let handled = Arc::new(Mutex::new(0));
     let handler = {
@@ -170,7 +184,11 @@ async fn a_reused_id_with_other_bytes_is_a_replay() -> anyhow::Result<()> {
     });
     let letter = dead.next(Duration::from_secs(10)).await?;
     assert_eq!(letter.header("x-convoy-reason"), Some("replayed"));
-    assert_eq!(*handled.lock().unwrap(), 1, "the exact duplicate is skipped, not handled");
+    assert_eq!(
+        *handled.lock().unwrap(),
+        1,
+        "the exact duplicate is skipped, not handled"
+    );
     cancel.cancel();
     task.await??;
     Ok(())

@@ -19,7 +19,11 @@ fn report(n: usize) -> Message {
             host: HostName::new("h1").unwrap(),
             repo: Name::new("web").unwrap(),
             status: FetchStatus::Fetched,
-            refs: [("refs/heads/main".to_owned(), Sha::new(format!("{n:040x}")).unwrap())].into(),
+            refs: [(
+                "refs/heads/main".to_owned(),
+                Sha::new(format!("{n:040x}")).unwrap(),
+            )]
+            .into(),
             for_events: vec![],
             error: None,
             duration_ms: n as u64,
@@ -35,14 +39,21 @@ async fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() -> anyhow::R
     let mut node = BrokerNode::start().await?;
     let tb = TestBus::on(&node.url());
     let bus = Bus::new(tb.config(), "restart-test")?;
-    let consumer = Consumer::new(bus.clone(), QueueSpec::new(tb.queue("events"), vec!["fetch.#".into()]));
+    let consumer = Consumer::new(
+        bus.clone(),
+        QueueSpec::new(tb.queue("events"), vec!["fetch.#".into()]),
+    );
     consumer.declare().await?;
 
     let counts: Arc<Mutex<HashMap<Uuid, u32>>> = Arc::default();
     let handler = {
         let counts = counts.clone();
         move |incoming: Incoming| {
-            *counts.lock().unwrap().entry(incoming.message.id).or_default() += 1;
+            *counts
+                .lock()
+                .unwrap()
+                .entry(incoming.message.id)
+                .or_default() += 1;
             async { Disposition::Ack }
         }
     };
@@ -63,7 +74,8 @@ async fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() -> anyhow::R
         let confirmed = confirmed.clone();
         let cancel = cancel.clone();
         async move {
-            let chunks: Vec<Vec<Message>> = messages.chunks(N / 8).map(<[Message]>::to_vec).collect();
+            let chunks: Vec<Vec<Message>> =
+                messages.chunks(N / 8).map(<[Message]>::to_vec).collect();
             let mut tasks = Vec::new();
             for chunk in chunks {
                 let publisher = publisher.clone();
@@ -72,7 +84,9 @@ async fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() -> anyhow::R
                 tasks.push(tokio::spawn(async move {
                     for m in chunk {
                         let out = Outgoing::message(&m)?;
-                        publisher.publish(&out, Retry::until_cancelled(cancel.clone())).await?;
+                        publisher
+                            .publish(&out, Retry::until_cancelled(cancel.clone()))
+                            .await?;
                         confirmed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
@@ -107,7 +121,12 @@ async fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() -> anyhow::R
 
     let counts = counts.lock().unwrap();
     for id in &ids {
-        assert_eq!(counts.get(id), Some(&1), "message {id} processed {:?} times", counts.get(id));
+        assert_eq!(
+            counts.get(id),
+            Some(&1),
+            "message {id} processed {:?} times",
+            counts.get(id)
+        );
     }
     assert_eq!(counts.len(), N, "no message that was never sent");
     Ok(())
@@ -140,31 +159,48 @@ async fn a_killed_consumer_hands_its_unacked_deliveries_to_its_successor() -> an
     let ledger = dir.path().join("ledger");
     let queue = tb.queue("work");
     let bus = Bus::new(tb.config(), "kill-test")?;
-    Consumer::new(bus.clone(), QueueSpec::new(queue.clone(), vec!["fetch.#".into()]))
-        .declare()
-        .await?;
+    Consumer::new(
+        bus.clone(),
+        QueueSpec::new(queue.clone(), vec!["fetch.#".into()]),
+    )
+    .declare()
+    .await?;
     const N: usize = 200;
     let publisher = Publisher::new(bus);
     let mut ids = Vec::new();
     for n in 0..N {
         let m = report(n);
         ids.push(m.id.to_string());
-        publisher.publish(&Outgoing::message(&m)?, Retry::once()).await?;
+        publisher
+            .publish(&Outgoing::message(&m)?, Retry::once())
+            .await?;
     }
     let bin = example("ledger")?;
     let ledger_arg = ledger.to_string_lossy().to_string();
     let args = [queue.as_str(), "fetch.#", ledger_arg.as_str(), "10"];
     let mut first = Daemon::spawn("ledger-1", &bin, &args, &tb.env(), dir.path())?;
-    let lines = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default().lines().count();
-    wait_until(Duration::from_secs(20), "the first consumer to process some", || {
-        let n = lines(&ledger);
-        async move { (n >= 30).then_some(()) }
-    })
+    let lines = |p: &PathBuf| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the first consumer to process some",
+        || {
+            let n = lines(&ledger);
+            async move { (n >= 30).then_some(()) }
+        },
+    )
     .await
     .map_err(|e| anyhow::anyhow!("{e}; log: {}", first.log()))?;
     first.kill9();
     let done_by_first = lines(&ledger);
-    assert!(done_by_first < N, "the first consumer must die holding work");
+    assert!(
+        done_by_first < N,
+        "the first consumer must die holding work"
+    );
 
     let _second = Daemon::spawn("ledger-2", &bin, &args, &tb.env(), dir.path())?;
     wait_until(Duration::from_secs(30), "the successor to finish", || {

@@ -1,6 +1,8 @@
 //! Publish → consume through a real RabbitMQ, with confirms; unroutable is an error.
 
-use convoy_bus::{Bus, Consumer, Disposition, Incoming, Outgoing, PublishError, Publisher, QueueSpec, Retry};
+use convoy_bus::{
+    Bus, Consumer, Disposition, Incoming, Outgoing, PublishError, Publisher, QueueSpec, Retry,
+};
 use convoy_message::names::{Name, RefName, Sha};
 use convoy_message::{Body, Message, PushChange, PushEvent, RefKind, routing};
 use convoy_testkit::{TestBus, wait_until};
@@ -36,10 +38,14 @@ async fn published_messages_arrive_once_in_order() -> anyhow::Result<()> {
     let publisher = Publisher::new(bus.clone());
     let sent: Vec<Message> = (0..20).map(|n| push("web", n)).collect();
     for m in &sent {
-        publisher.publish(&Outgoing::message(m)?, Retry::once()).await?;
+        publisher
+            .publish(&Outgoing::message(m)?, Retry::once())
+            .await?;
     }
     // A duplicate publication of the first message (as after a lost confirm).
-    publisher.publish(&Outgoing::message(&sent[0])?, Retry::once()).await?;
+    publisher
+        .publish(&Outgoing::message(&sent[0])?, Retry::once())
+        .await?;
 
     let got = Arc::new(Mutex::new(Vec::new()));
     let cancel = CancellationToken::new();
@@ -85,7 +91,10 @@ async fn an_unroutable_publish_is_an_error() -> anyhow::Result<()> {
 
     // Retrying within a budget still fails, and says how often it tried.
     let err = publisher
-        .publish(&Outgoing::message(&message)?, Retry::within(Duration::from_millis(800)))
+        .publish(
+            &Outgoing::message(&message)?,
+            Retry::within(Duration::from_millis(800)),
+        )
         .await
         .expect_err("still unroutable");
     assert!(matches!(err, PublishError::GaveUp { .. }), "{err}");
@@ -104,7 +113,11 @@ async fn an_unreachable_broker_fails_within_the_budget() -> anyhow::Result<()> {
         .publish(&out, Retry::within(Duration::from_millis(700)))
         .await
         .expect_err("nothing listens on that port");
-    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(err.to_string().contains("connect"), "{err}");
     Ok(())
 }

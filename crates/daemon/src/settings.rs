@@ -101,7 +101,9 @@ where
             .map_err(invalid)?;
     }
 
-    let merged = builder.build().map_err(|e| file_error(&path, required, e))?;
+    let merged = builder
+        .build()
+        .map_err(|e| file_error(&path, required, e))?;
     merged
         .try_deserialize::<T>()
         .map_err(|e| file_error(&path, required || path.exists(), e))
@@ -220,9 +222,12 @@ mod tests {
 
     #[test]
     fn a_bad_value_is_named() {
-        let err =
-            load_from::<Sample>("agent", &args(None, &[]), env(&[("CONVOY_INTERVAL_S", "soon")]))
-                .unwrap_err();
+        let err = load_from::<Sample>(
+            "agent",
+            &args(None, &[]),
+            env(&[("CONVOY_INTERVAL_S", "soon")]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("interval_s"), "{err}");
         let err = load_from::<Sample>("agent", &args(None, &["bus.heartbeat_s=-1"]), env(&[]))
             .unwrap_err();

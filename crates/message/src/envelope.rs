@@ -132,9 +132,8 @@ impl Message {
             from: &self.from,
             body: &self.body,
         };
-        let bytes = serde_json::to_vec(&wire).map_err(|e| {
-            Rejection::new(RejectionCode::Malformed, format!("cannot encode: {e}"))
-        })?;
+        let bytes = serde_json::to_vec(&wire)
+            .map_err(|e| Rejection::new(RejectionCode::Malformed, format!("cannot encode: {e}")))?;
         if bytes.len() > MAX_MESSAGE_BYTES {
             return Err(Rejection::new(
                 RejectionCode::Oversized,
@@ -269,7 +268,10 @@ mod tests {
     fn bad_input_is_named() {
         let good = String::from_utf8(push().encode().unwrap()).unwrap();
         assert_eq!(code_of(b"not json"), RejectionCode::Malformed);
-        assert_eq!(code_of(&good.as_bytes()[..good.len() / 2]), RejectionCode::Malformed);
+        assert_eq!(
+            code_of(&good.as_bytes()[..good.len() / 2]),
+            RejectionCode::Malformed
+        );
         assert_eq!(
             code_of(good.replacen(r#""v":1"#, r#""v":9"#, 1).as_bytes()),
             RejectionCode::UnsupportedVersion
@@ -279,11 +281,17 @@ mod tests {
             RejectionCode::UnsupportedVersion
         );
         assert_eq!(
-            code_of(good.replacen(r#""kind":"push""#, r#""kind":"nuke""#, 1).as_bytes()),
+            code_of(
+                good.replacen(r#""kind":"push""#, r#""kind":"nuke""#, 1)
+                    .as_bytes()
+            ),
             RejectionCode::UnknownKind
         );
         assert_eq!(
-            code_of(good.replacen(r#""repo":"web""#, r#""repo":"../web""#, 1).as_bytes()),
+            code_of(
+                good.replacen(r#""repo":"web""#, r#""repo":"../web""#, 1)
+                    .as_bytes()
+            ),
             RejectionCode::InvalidField
         );
         let big = vec![b' '; MAX_MESSAGE_BYTES + 1];

@@ -30,6 +30,6 @@ pub use body::{
     RefKind, Step, StepReport, StepState,
 };
 pub use command::{Action, Command, DeploySpec, SignedCommand};
-pub use envelope::{Body, Message, MAX_MESSAGE_BYTES, VERSION};
+pub use envelope::{Body, MAX_MESSAGE_BYTES, Message, VERSION};
 pub use rejection::{Rejection, RejectionCode};
 pub use signing::{CommandVerifier, KeyPair, TrustSet};

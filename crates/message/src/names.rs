@@ -174,13 +174,14 @@ fn check_ref(v: &str) -> Result<(), &'static str> {
     if v.ends_with('/') || v.ends_with('.') || v.ends_with(".lock") {
         return Err("may not end with '/', '.' or '.lock'");
     }
-    if v
-        .chars()
+    if v.chars()
         .any(|c| c.is_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\'))
     {
         return Err("may not contain spaces, control characters or any of ~^:?*[\\");
     }
-    if v.split('/').any(|part| part.is_empty() || part.starts_with('.') || part.starts_with('-')) {
+    if v.split('/')
+        .any(|part| part.is_empty() || part.starts_with('.') || part.starts_with('-'))
+    {
         return Err("no path component may be empty or start with '.' or '-'");
     }
     Ok(())
@@ -190,7 +191,10 @@ fn check_sha(v: &str) -> Result<(), &'static str> {
     if v.len() != 40 && v.len() != 64 {
         return Err("must be 40 or 64 hex digits");
     }
-    if !v.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+    if !v
+        .chars()
+        .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    {
         return Err("must be lowercase hex");
     }
     Ok(())
@@ -258,7 +262,9 @@ mod tests {
     fn names_refuse_traversal_and_wildcards() {
         assert!(Name::new("web").is_ok());
         assert!(Name::new("my_app-2").is_ok());
-        for bad in ["", "..", "../etc", "a/b", "a.b", "a*", "a#", "-x", "x y", "é"] {
+        for bad in [
+            "", "..", "../etc", "a/b", "a.b", "a*", "a#", "-x", "x y", "é",
+        ] {
             assert!(Name::new(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -274,7 +280,11 @@ mod tests {
 
     #[test]
     fn refs_follow_check_ref_format() {
-        for good in ["refs/heads/main", "refs/tags/v1.2.3", "refs/heads/feature/x-1"] {
+        for good in [
+            "refs/heads/main",
+            "refs/tags/v1.2.3",
+            "refs/heads/feature/x-1",
+        ] {
             assert!(RefName::new(good).is_ok(), "{good:?} refused");
         }
         for bad in [
@@ -290,7 +300,10 @@ mod tests {
         ] {
             assert!(RefName::new(bad).is_err(), "{bad:?} accepted");
         }
-        assert_eq!(RefName::expand("v1", true).unwrap().as_str(), "refs/tags/v1");
+        assert_eq!(
+            RefName::expand("v1", true).unwrap().as_str(),
+            "refs/tags/v1"
+        );
         assert_eq!(RefName::new("refs/tags/v1").unwrap().short(), "v1");
     }
 

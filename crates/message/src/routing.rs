@@ -112,7 +112,10 @@ mod tests {
         let host = HostName::new("web-1.dc1").unwrap();
         let app = Name::new("shop").unwrap();
         assert_eq!(command(&host), "cmd.web-1_dc1");
-        assert_eq!(progress(&app, &host, Step::PreSwitch), "deploy.shop.web-1_dc1.pre_switch");
+        assert_eq!(
+            progress(&app, &host, Step::PreSwitch),
+            "deploy.shop.web-1_dc1.pre_switch"
+        );
         assert_eq!(result(Some(&app), &host), "deploy.shop.web-1_dc1.result");
         assert_eq!(result(None, &host), "deploy._.web-1_dc1.result");
         assert_eq!(queue::commands("convoy", &host), "convoy.cmd.web-1_dc1");

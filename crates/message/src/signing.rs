@@ -110,7 +110,11 @@ impl KeyPair {
         let secret = dir.join(format!("{}.key", self.key_id));
         let public = dir.join(format!("{}.pub", self.key_id));
         let seed = B64.encode(self.key.to_bytes());
-        write_new(&secret, &format!("{SECRET_TAG} {} {seed}\n", self.key_id), 0o600)?;
+        write_new(
+            &secret,
+            &format!("{SECRET_TAG} {} {seed}\n", self.key_id),
+            0o600,
+        )?;
         write_new(&public, &self.public_line(), 0o644)?;
         Ok((secret, public))
     }
@@ -433,7 +437,10 @@ mod tests {
         let cmd = command("web1", 60);
         let msg = key.command_message("cli@laptop", &cmd);
         let decoded = Message::decode(&msg.encode().unwrap()).unwrap();
-        assert_eq!(verifier(&key, "web1").verify(&decoded, Utc::now()).unwrap(), cmd);
+        assert_eq!(
+            verifier(&key, "web1").verify(&decoded, Utc::now()).unwrap(),
+            cmd
+        );
     }
 
     #[test]
@@ -482,8 +489,14 @@ mod tests {
         let cmd = command("web1", 60);
         let msg = key.command_message("x", &cmd);
         // Valid for 60 s with 120 s of skew allowed: good until 180 s from now.
-        assert!(v.verify(&msg, Utc::now() + chrono::Duration::seconds(150)).is_ok());
-        assert!(v.verify(&msg, Utc::now() - chrono::Duration::seconds(100)).is_ok());
+        assert!(
+            v.verify(&msg, Utc::now() + chrono::Duration::seconds(150))
+                .is_ok()
+        );
+        assert!(
+            v.verify(&msg, Utc::now() - chrono::Duration::seconds(100))
+                .is_ok()
+        );
         assert_eq!(
             code(v.verify(&msg, Utc::now() + chrono::Duration::seconds(200))),
             RejectionCode::Expired

@@ -34,7 +34,9 @@ impl BrokerNode {
     /// Starts a node and waits until it accepts AMQP connections.
     pub async fn start() -> anyhow::Result<Self> {
         if !Self::available() {
-            bail!("a private RabbitMQ node needs rabbitmq-server installed and root (run scripts/test)");
+            bail!(
+                "a private RabbitMQ node needs rabbitmq-server installed and root (run scripts/test)"
+            );
         }
         let user = User::from_name("rabbitmq")?.context("no rabbitmq user")?;
         let dir = tempfile::Builder::new().prefix("convoy-rmq-").tempdir()?;
@@ -120,10 +122,16 @@ impl BrokerNode {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                bail!("rabbitmq-server exited with {status}; see {}", d.join("console.log").display());
+                bail!(
+                    "rabbitmq-server exited with {status}; see {}",
+                    d.join("console.log").display()
+                );
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("private broker did not start in 90 s; see {}", d.join("console.log").display());
+                bail!(
+                    "private broker did not start in 90 s; see {}",
+                    d.join("console.log").display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -131,12 +139,14 @@ impl BrokerNode {
 
     /// Stops the node gracefully (SIGTERM) and waits for it to exit.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
-        self.signal_and_wait(Signal::SIGTERM, Duration::from_secs(60)).await
+        self.signal_and_wait(Signal::SIGTERM, Duration::from_secs(60))
+            .await
     }
 
     /// Kills the node with SIGKILL: no goodbye to clients, nothing flushed that was not.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.signal_and_wait(Signal::SIGKILL, Duration::from_secs(20)).await
+        self.signal_and_wait(Signal::SIGKILL, Duration::from_secs(20))
+            .await
     }
 
     async fn signal_and_wait(&mut self, sig: Signal, timeout: Duration) -> anyhow::Result<()> {

@@ -94,7 +94,10 @@ impl Drop for TestBus {
         let exchange = self.exchange.clone();
         // Drop may run inside a runtime: clean up from a thread with its own.
         let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {
@@ -102,7 +105,9 @@ impl Drop for TestBus {
                     let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
                     let ch = conn.create_channel().await?;
                     for q in queues {
-                        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
                     }
                     for ex in [exchange.clone(), format!("{exchange}.dead")] {
                         let _ = ch
@@ -234,7 +239,11 @@ impl Tap {
             routing_key: delivery.routing_key.to_string(),
             data: delivery.data.clone(),
             headers,
-            message_id: delivery.properties.message_id().as_ref().map(|s| s.to_string()),
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string()),
         })
     }
 

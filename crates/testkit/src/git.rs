@@ -14,7 +14,12 @@ pub fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
         .env("GIT_AUTHOR_EMAIL", "author@example.com")
         .env("GIT_COMMITTER_NAME", "Test Author")
         .env("GIT_COMMITTER_EMAIL", "author@example.com")
-        .args(["-c", "init.defaultBranch=main", "-c", "advice.detachedHead=false"])
+        .args([
+            "-c",
+            "init.defaultBranch=main",
+            "-c",
+            "advice.detachedHead=false",
+        ])
         .args(args)
         .output()
         .with_context(|| format!("running git {args:?}"))?;
@@ -43,7 +48,12 @@ pub fn init(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Writes `file` with `content`, commits everything, returns the new commit id.
-pub fn commit_file(work: &Path, file: &str, content: &str, message: &str) -> anyhow::Result<String> {
+pub fn commit_file(
+    work: &Path,
+    file: &str,
+    content: &str,
+    message: &str,
+) -> anyhow::Result<String> {
     let path = work.join(file);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;

@@ -35,8 +35,14 @@ impl Daemon {
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-            .env("CONVOY_LOG", std::env::var("CONVOY_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "HOME",
+                std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
+            )
+            .env(
+                "CONVOY_LOG",
+                std::env::var("CONVOY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().map(|(k, v)| (k, v)))
             .process_group(0)
             .stdin(Stdio::null())

@@ -1,0 +1,65 @@
+# Shared by scripts/test and scripts/demo: install and start what convoy needs on a fresh
+# Debian machine. Sourced, not run.
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    log "need root for: $*"; return 1; fi
+}
+
+apt_updated=""
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+ensure_tools() {
+  local missing=()
+  command -v git >/dev/null || missing+=(git)
+  command -v cc >/dev/null || missing+=(gcc libc6-dev)
+  command -v curl >/dev/null || missing+=(curl ca-certificates)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+  if ! command -v cargo >/dev/null; then
+    log "cargo is missing: install Rust (https://rustup.rs) and run this again"
+    return 1
+  fi
+}
+
+# RabbitMQ on 127.0.0.1:5672: use the running one, else start (and if needed install) it.
+ensure_rabbitmq() {
+  if [ -n "${CONVOY_TEST_AMQP_URL:-}" ]; then
+    log "using the broker at CONVOY_TEST_AMQP_URL"
+    return 0
+  fi
+  if port_open 5672; then
+    log "RabbitMQ is answering on 127.0.0.1:5672"
+    return 0
+  fi
+  if ! command -v rabbitmq-server >/dev/null && [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+    log "installing rabbitmq-server from Debian's packages"
+    apt_install rabbitmq-server
+  fi
+  if port_open 5672; then return 0; fi
+  log "starting RabbitMQ"
+  if command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then
+    as_root systemctl start rabbitmq-server
+  else
+    as_root rabbitmq-server -detached
+  fi
+  for _ in $(seq 1 120); do
+    if port_open 5672; then log "RabbitMQ is up"; return 0; fi
+    sleep 1
+  done
+  log "RabbitMQ did not start within 120 s; see /var/log/rabbitmq/"
+  return 1
+}
