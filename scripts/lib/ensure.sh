@@ -25,6 +25,8 @@ ensure_tools() {
   command -v git >/dev/null || missing+=(git)
   command -v cc >/dev/null || missing+=(gcc libc6-dev)
   command -v curl >/dev/null || missing+=(curl ca-certificates)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  [ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     apt_install "${missing[@]}"
