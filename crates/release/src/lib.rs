@@ -41,7 +41,9 @@ pub struct ReleaseInfo {
 pub enum LayoutError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path} points to {target:?}, which is not releases/<id>; fix it by hand (see docs/host.md)")]
+    #[error(
+        "{path} points to {target:?}, which is not releases/<id>; fix it by hand (see docs/host.md)"
+    )]
     StrangeLink { path: PathBuf, target: PathBuf },
     #[error("shared path {0:?} must be relative, without '..'")]
     BadSharedPath(String),
@@ -145,9 +147,11 @@ impl AppRoot {
     fn replace_link(&self, link: &Path, id: Option<&ReleaseId>) -> Result<(), LayoutError> {
         match id {
             Some(id) => {
-                let tmp = self
-                    .root
-                    .join(format!(".{}.tmp-{}", file_name(link), Uuid::new_v4().simple()));
+                let tmp = self.root.join(format!(
+                    ".{}.tmp-{}",
+                    file_name(link),
+                    Uuid::new_v4().simple()
+                ));
                 let target = Path::new("releases").join(id.as_str());
                 std::os::unix::fs::symlink(&target, &tmp).map_err(io_err(&tmp))?;
                 if let Err(e) = fs::rename(&tmp, link) {
@@ -209,7 +213,11 @@ impl AppRoot {
 
     /// Removes releases beyond the newest `keep` complete ones, and incomplete leftovers;
     /// never `current`, `previous` or `protect`. Returns what it removed.
-    pub fn prune(&self, keep: usize, protect: &[&ReleaseId]) -> Result<Vec<ReleaseId>, LayoutError> {
+    pub fn prune(
+        &self,
+        keep: usize,
+        protect: &[&ReleaseId],
+    ) -> Result<Vec<ReleaseId>, LayoutError> {
         let current = self.current()?;
         let previous = self.previous()?;
         let all = self.releases()?;
@@ -258,7 +266,9 @@ impl AppRoot {
                 fs::create_dir_all(parent).map_err(io_err(parent))?;
             }
             match fs::symlink_metadata(&in_release) {
-                Ok(m) if m.is_dir() => fs::remove_dir_all(&in_release).map_err(io_err(&in_release))?,
+                Ok(m) if m.is_dir() => {
+                    fs::remove_dir_all(&in_release).map_err(io_err(&in_release))?
+                }
                 Ok(_) => fs::remove_file(&in_release).map_err(io_err(&in_release))?,
                 Err(_) => {}
             }
@@ -270,7 +280,10 @@ impl AppRoot {
     /// Current and previous release and the commit of current, as reported on the bus.
     pub fn state(&self) -> AppRelease {
         let current = self.current().ok().flatten();
-        let commit = current.as_ref().and_then(|c| self.info(c)).map(|i| i.commit);
+        let commit = current
+            .as_ref()
+            .and_then(|c| self.info(c))
+            .map(|i| i.commit);
         AppRelease {
             previous: self.previous().ok().flatten(),
             current,
@@ -302,7 +315,11 @@ pub fn check_shared_path(entry: &str) -> Result<PathBuf, LayoutError> {
 /// fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name(path), Uuid::new_v4().simple()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name(path),
+        Uuid::new_v4().simple()
+    ));
     let write = || -> io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -339,7 +356,8 @@ mod tests {
             commit: Sha::new("a".repeat(40)).unwrap(),
             git_ref: RefName::new("refs/tags/v1").unwrap(),
             command_id: Uuid::new_v4(),
-            created_at: DateTime::from_timestamp(1_700_000_000 + i64::from(minute) * 60, 0).unwrap(),
+            created_at: DateTime::from_timestamp(1_700_000_000 + i64::from(minute) * 60, 0)
+                .unwrap(),
         })
         .unwrap();
     }
@@ -352,7 +370,10 @@ mod tests {
         assert_eq!(root.current().unwrap(), None);
         make(&root, "r1", 1);
         root.switch_current(&rid("r1")).unwrap();
-        assert_eq!(fs::read_link(root.current_link()).unwrap(), Path::new("releases/r1"));
+        assert_eq!(
+            fs::read_link(root.current_link()).unwrap(),
+            Path::new("releases/r1")
+        );
         assert_eq!(root.current().unwrap(), Some(rid("r1")));
         make(&root, "r2", 2);
         root.set_previous(Some(&rid("r1"))).unwrap();
@@ -360,7 +381,10 @@ mod tests {
         assert_eq!(root.state().current, Some(rid("r2")));
         assert_eq!(root.state().previous, Some(rid("r1")));
         // No temp links left behind.
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 4, "{names:?}");
     }
 
@@ -369,7 +393,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = AppRoot::new(dir.path());
         std::os::unix::fs::symlink("/etc", root.current_link()).unwrap();
-        assert!(matches!(root.current(), Err(LayoutError::StrangeLink { .. })));
+        assert!(matches!(
+            root.current(),
+            Err(LayoutError::StrangeLink { .. })
+        ));
     }
 
     #[test]
@@ -386,7 +413,10 @@ mod tests {
         let mut removed = root.prune(2, &[]).unwrap();
         removed.sort();
         assert_eq!(removed, vec![rid("partial"), rid("r3")]);
-        assert_eq!(root.releases().unwrap(), vec![rid("r1"), rid("r2"), rid("r4"), rid("r5")]);
+        assert_eq!(
+            root.releases().unwrap(),
+            vec![rid("r1"), rid("r2"), rid("r4"), rid("r5")]
+        );
     }
 
     #[test]
@@ -396,12 +426,16 @@ mod tests {
         root.ensure_layout().unwrap();
         make(&root, "r1", 1);
         fs::create_dir_all(root.release_dir(&rid("r1")).join("log")).unwrap();
-        root.link_shared(&rid("r1"), &["log/".into(), "config/db.yml".into()]).unwrap();
+        root.link_shared(&rid("r1"), &["log/".into(), "config/db.yml".into()])
+            .unwrap();
         let log = root.release_dir(&rid("r1")).join("log");
         assert!(fs::symlink_metadata(&log).unwrap().file_type().is_symlink());
         assert!(root.shared_dir().join("log").is_dir());
         for bad in ["../x", "/etc/passwd", "", "a/../../b"] {
-            assert!(root.link_shared(&rid("r1"), &[bad.into()]).is_err(), "{bad:?}");
+            assert!(
+                root.link_shared(&rid("r1"), &[bad.into()]).is_err(),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -1,0 +1,116 @@
+//! `convoy-agent`: the per-host deploy agent daemon.
+
+use clap::Parser;
+use convoy_agent::outbox::Outbox;
+use convoy_agent::{Agent, AgentConfig};
+use convoy_bus::{Bus, Consumer, Publisher, QueueSpec};
+use convoy_daemon::{ConfigArgs, Lifecycle, logging};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Executes signed deploy commands addressed to this host.
+#[derive(Parser)]
+#[command(name = "convoy-agent", version)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Seconds a running deploy may take to finish after SIGTERM before the agent exits
+    /// (the next start converges whatever was interrupted).
+    #[arg(long, default_value_t = 60)]
+    shutdown_grace_s: u64,
+}
+
+fn main() -> ExitCode {
+    logging::init("agent");
+    let cli = Cli::parse();
+    let config: AgentConfig = match convoy_daemon::load("agent", &cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("convoy-agent: {e}");
+            return ExitCode::from(78);
+        }
+    };
+    if let Err(e) = config.validate() {
+        eprintln!("convoy-agent: {e}");
+        return ExitCode::from(78);
+    }
+    if cli.check_config {
+        println!("configuration is valid ({} apps)", config.apps.len());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("convoy-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("convoy-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
+    let life = Lifecycle::start()?;
+    let host = config.host_name()?;
+    let bus = Bus::new(config.bus_config(), format!("convoy-agent@{host}"))?;
+    let publisher = Arc::new(Publisher::new(bus.clone()));
+    // The outbox outlives the consumer: results of draining deploys still go out.
+    let outbox_stop = tokio_util::sync::CancellationToken::new();
+    let (outbox, outbox_task) = Outbox::start(publisher.clone(), outbox_stop.clone());
+    let agent = Arc::new(Agent::new(config, publisher, outbox)?);
+    let resumed = agent.recover()?;
+    if resumed > 0 {
+        tracing::warn!(resumed, "resuming commands interrupted by the last stop");
+    }
+    let spec = QueueSpec::commands(bus.exchange(), &host);
+    let queue = spec.name.clone();
+    let consumer = Consumer::new(bus.clone(), spec).without_dedup();
+
+    let reloads = {
+        let agent = agent.clone();
+        let args = cli.config.clone();
+        let life = life.clone();
+        let mut rx = life.reloads();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                match convoy_daemon::load::<AgentConfig>("agent", &args) {
+                    Ok(c) => match agent.reload(c) {
+                        Ok(()) => life.reloaded(),
+                        Err(e) => {
+                            tracing::error!("reload refused, keeping the old configuration: {e:#}")
+                        }
+                    },
+                    Err(e) => tracing::error!("reload refused, keeping the old configuration: {e}"),
+                }
+            }
+        })
+    };
+
+    life.ready(&format!("consuming {queue}"));
+    tracing::info!(%host, %queue, "agent ready");
+    consumer.run(agent.as_ref(), life.token()).await?;
+    reloads.abort();
+    tracing::info!("no longer consuming; waiting for running commands");
+    if !agent.drain(Duration::from_secs(cli.shutdown_grace_s)).await {
+        tracing::warn!("commands still running at the deadline; the next start converges them");
+    }
+    // Give queued results a moment to be confirmed, then stop.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    outbox_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), outbox_task).await;
+    bus.close().await;
+    Ok(())
+}
