@@ -4,7 +4,8 @@
 //! confirmed at shutdown is published again by the next start.
 
 use crate::journal::Entry;
-use convoy_bus::{Outgoing, Publisher, Retry};
+use convoy_bus::backoff::Backoff;
+use convoy_bus::{Outgoing, PublishError, Publisher, Retry};
 use convoy_message::Message;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -35,25 +36,22 @@ impl Outbox {
                     _ = cancel.cancelled() => None,
                 };
                 let Some(next) = next else { break };
-                let (out, entry) = match next {
-                    Outbound::Event(out) => (out, None),
-                    Outbound::Result(out, entry) => (out, Some(entry)),
-                };
-                match publisher
-                    .publish(&out, Retry::until_cancelled(cancel.clone()))
-                    .await
-                {
-                    Ok(()) => {
-                        if let Some(entry) = entry
+                let published = match next {
+                    Outbound::Event(out) => publish_event(&publisher, &out, &cancel).await,
+                    Outbound::Result(out, entry) => {
+                        let retry = Retry::until_cancelled(cancel.clone());
+                        let sent = publisher.publish(&out, retry).await;
+                        if sent.is_ok()
                             && let Err(e) = entry.mark_published()
                         {
                             tracing::warn!(error = %e, "could not mark a result published; it may be sent again");
                         }
+                        sent
                     }
-                    Err(e) => {
-                        tracing::info!(error = %e, id = %out.id, "unpublished at shutdown");
-                        break;
-                    }
+                };
+                if let Err(e) = published {
+                    tracing::info!(error = %e, "stopping the outbox with messages unpublished");
+                    break;
                 }
             }
         });
@@ -73,5 +71,32 @@ impl Outbox {
     /// Queues a recorded result; its entry is marked published once confirmed.
     pub fn result(&self, out: Outgoing, entry: Entry) {
         let _ = self.tx.send(Outbound::Result(out, entry));
+    }
+}
+
+/// Progress events are worth retrying across a broker restart, but one nobody is bound to
+/// receive (no conductor queue yet) is dropped rather than blocking the results behind it.
+async fn publish_event(
+    publisher: &Publisher,
+    out: &Outgoing,
+    cancel: &CancellationToken,
+) -> Result<(), PublishError> {
+    let mut backoff = Backoff::new(publisher.bus().config().max_backoff());
+    loop {
+        match publisher.publish_once(out).await {
+            Ok(()) => return Ok(()),
+            Err(PublishError::Unroutable { routing_key, .. }) => {
+                tracing::debug!(%routing_key, "no consumer bound for this event; dropped");
+                return Ok(());
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "event not confirmed; will publish again");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return Err(PublishError::Cancelled),
+                }
+            }
+        }
     }
 }

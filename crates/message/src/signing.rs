@@ -152,7 +152,11 @@ impl KeyPair {
     /// Signs a command: serialises it once and signs exactly those bytes.
     pub fn sign(&self, command: &Command) -> SignedCommand {
         // Serialising a Command cannot fail: every field is a plain value.
-        let payload = serde_json::to_string(command).unwrap_or_default();
+        self.sign_payload(serde_json::to_string(command).unwrap_or_default())
+    }
+
+    /// Signs payload bytes as they are (tools and tests that craft payloads by hand).
+    pub fn sign_payload(&self, payload: String) -> SignedCommand {
         let mut signed = Vec::with_capacity(SIGNING_CONTEXT.len() + payload.len());
         signed.extend_from_slice(SIGNING_CONTEXT);
         signed.extend_from_slice(payload.as_bytes());

@@ -41,7 +41,7 @@ impl Daemon {
             )
             .env(
                 "CONVOY_LOG",
-                std::env::var("CONVOY_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("CONVOY_LOG").unwrap_or_else(|_| "info,lapin=error".into()),
             )
             .envs(env.iter().map(|(k, v)| (k, v)))
             .process_group(0)

@@ -1,0 +1,211 @@
+//! Deploys on a real host layout, by a real agent process, from a real git mirror.
+
+mod common;
+
+use common::{Host, next_result};
+use convoy_message::names::ReleaseId;
+use convoy_message::{Action, DeployOutcome, Step, StepState};
+use std::time::Duration;
+
+#[tokio::test]
+async fn a_tag_is_deployed_hooks_run_in_order_and_a_redelivery_changes_nothing()
+-> anyhow::Result<()> {
+    let mut h = Host::new().await?;
+    h.start_agent(&[])?;
+    let mut results = h.results_tap().await?;
+    let mut progress = h.tb.tap(&["deploy.web.*.*"]).await?;
+
+    let cmd = h.command(h.deploy_action("v1", "r1")?);
+    let message = h.order(&cmd).await?;
+    let first = next_result(&mut results, cmd.id).await?;
+    assert_eq!(
+        first.outcome,
+        DeployOutcome::Succeeded,
+        "{:?}\n{}",
+        first.error,
+        h.agent_log()
+    );
+    assert_eq!(h.current().as_deref(), Some("releases/r1"));
+    assert!(
+        h.root.join("current/healthy").exists(),
+        "the tree was exported"
+    );
+    assert!(h.root.join("releases/r1/.convoy-release.json").exists());
+    assert!(
+        std::fs::symlink_metadata(h.root.join("releases/r1/log"))?
+            .file_type()
+            .is_symlink()
+    );
+
+    let sha = h.sha_of("v1")?;
+    let expected: Vec<String> = ["build", "pre_switch", "restart", "post_switch"]
+        .iter()
+        .map(|step| format!("{step} r1 {sha} refs/tags/v1 web {}", h.host))
+        .collect();
+    assert_eq!(
+        h.hook_lines(),
+        expected,
+        "hooks in order with their CONVOY_* context"
+    );
+    let steps: Vec<(Step, StepState)> = first.steps.iter().map(|s| (s.step, s.state)).collect();
+    assert_eq!(
+        steps,
+        vec![
+            (Step::Export, StepState::Succeeded),
+            (Step::Build, StepState::Succeeded),
+            (Step::PreSwitch, StepState::Succeeded),
+            (Step::Switch, StepState::Succeeded),
+            (Step::Restart, StepState::Succeeded),
+            (Step::Health, StepState::Skipped),
+            (Step::PostSwitch, StepState::Succeeded),
+        ]
+    );
+    assert_eq!(first.current, Some(ReleaseId::new("r1")?));
+    assert_eq!(first.rollout.as_deref(), Some("r-1"));
+    // Progress was published per step.
+    let mut seen = Vec::new();
+    while let Ok(t) = progress.next(Duration::from_millis(500)).await {
+        seen.push(t.routing_key);
+    }
+    assert!(seen.iter().any(|k| k.ends_with(".build")), "{seen:?}");
+    assert!(seen.iter().any(|k| k.ends_with(".result")), "{seen:?}");
+
+    // The same command again (as after a lost ack or a conductor restart).
+    h.send(&message).await?;
+    let again = next_result(&mut results, cmd.id).await?;
+    assert_eq!(again, first, "the recorded result, unchanged");
+    assert_eq!(h.hook_lines().len(), 4, "no hook ran twice");
+    assert_eq!(h.current().as_deref(), Some("releases/r1"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_health_check_switches_back_to_the_previous_release() -> anyhow::Result<()> {
+    let mut h = Host::with_extra(
+        "[apps.web.health]\ncommand = \"test -f healthy\"\ninterval_ms = 100\ndeadline_s = 1\n",
+    )
+    .await?;
+    h.start_agent(&[])?;
+    let mut results = h.results_tap().await?;
+    h.deploy_ok(&mut results, "v1", "r1").await?;
+
+    // v2 has no `healthy` file.
+    convoy_testkit::git::git(&h.work, &["rm", "-q", "healthy"])?;
+    h.release("v2", "app.txt", "v2\n")?;
+    let cmd = h.command(h.deploy_action("v2", "r2")?);
+    h.order(&cmd).await?;
+    let result = next_result(&mut results, cmd.id).await?;
+    assert_eq!(result.outcome, DeployOutcome::Failed);
+    assert!(result.rolled_back, "{result:?}");
+    assert!(
+        result.error.as_deref().unwrap_or("").contains("health"),
+        "{:?}",
+        result.error
+    );
+    assert_eq!(h.current().as_deref(), Some("releases/r1"));
+    assert_eq!(result.current, Some(ReleaseId::new("r1")?));
+    assert!(
+        !h.root.join("releases/r2").exists(),
+        "the failed release is removed"
+    );
+    let last = h.hook_lines().last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("restart r1 "),
+        "the previous release was restarted: {last}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn rollback_and_preview_then_switch() -> anyhow::Result<()> {
+    let mut h = Host::new().await?;
+    h.start_agent(&[])?;
+    let mut results = h.results_tap().await?;
+    h.deploy_ok(&mut results, "v1", "r1").await?;
+    h.release("v2", "app.txt", "v2\n")?;
+    h.deploy_ok(&mut results, "v2", "r2").await?;
+    assert_eq!(h.current().as_deref(), Some("releases/r2"));
+
+    let cmd = h.command(Action::Rollback {
+        app: "web".parse()?,
+        release: None,
+    });
+    h.order(&cmd).await?;
+    let r = next_result(&mut results, cmd.id).await?;
+    assert_eq!(r.outcome, DeployOutcome::Succeeded, "{:?}", r.error);
+    assert_eq!(h.current().as_deref(), Some("releases/r1"));
+
+    // A preview: exported and checked, current untouched; then switched.
+    h.release("v3", "app.txt", "v3\n")?;
+    let mut action = h.deploy_action("v3", "r3")?;
+    if let Action::Deploy(spec) = &mut action {
+        spec.no_switch = true;
+    }
+    let cmd = h.command(action);
+    h.order(&cmd).await?;
+    let r = next_result(&mut results, cmd.id).await?;
+    assert_eq!(r.outcome, DeployOutcome::Succeeded, "{:?}", r.error);
+    assert_eq!(h.current().as_deref(), Some("releases/r1"));
+    assert!(h.root.join("releases/r3/.convoy-release.json").exists());
+    let cmd = h.command(Action::Switch {
+        app: "web".parse()?,
+        release: "r3".parse()?,
+    });
+    h.order(&cmd).await?;
+    let r = next_result(&mut results, cmd.id).await?;
+    assert_eq!(r.outcome, DeployOutcome::Succeeded, "{:?}", r.error);
+    assert_eq!(h.current().as_deref(), Some("releases/r3"));
+    assert_eq!(r.previous, Some(ReleaseId::new("r1")?));
+
+    // Inventory answers with current and previous.
+    let mut inventory = h.tb.tap(&["inventory.*"]).await?;
+    h.order(&h.command(Action::Inventory)).await?;
+    let report = inventory.next(Duration::from_secs(20)).await?.message()?;
+    let convoy_message::Body::Inventory(report) = report.body else {
+        anyhow::bail!("not an inventory");
+    };
+    let web = &report.apps[&"web".parse()?];
+    assert_eq!(web.current, Some(ReleaseId::new("r3")?));
+    assert_eq!(web.previous, Some(ReleaseId::new("r1")?));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hanging_hook_is_killed_at_its_timeout_with_its_children() -> anyhow::Result<()> {
+    let pidfile_dir = tempfile::tempdir()?;
+    let pidfile = pidfile_dir.path().join("child.pid");
+    let mut h = Host::new().await?;
+    // Replace the build hook by one that hangs, with a child.
+    let config = std::fs::read_to_string(&h.config)?;
+    let config = config
+        .lines()
+        .filter(|l| !l.starts_with("build = "))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            "[apps.web.hooks]",
+            &format!(
+                "[apps.web.timeouts]\nbuild_s = 1\n\n[apps.web.hooks]\nbuild = \"sleep 300 & echo $! > {}; wait\"",
+                pidfile.display()
+            ),
+        );
+    std::fs::write(&h.config, config)?;
+    h.start_agent(&[])?;
+    let mut results = h.results_tap().await?;
+    let cmd = h.command(h.deploy_action("v1", "r1")?);
+    h.order(&cmd).await?;
+    let r = next_result(&mut results, cmd.id).await?;
+    assert_eq!(r.outcome, DeployOutcome::Failed);
+    assert!(
+        r.error.as_deref().unwrap_or("").contains("timed out"),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(h.current(), None, "nothing was switched");
+    let pid: i32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z"))
+        .unwrap_or(false);
+    assert!(!alive, "the hook's child {pid} survived");
+    Ok(())
+}
