@@ -72,7 +72,10 @@ async fn killed_before_the_switch() -> anyhow::Result<()> {
     assert_eq!(results[0].outcome, DeployOutcome::Failed);
     assert!(!results[0].rolled_back);
     assert_complete_current(&h, "releases/r1");
-    assert!(!h.root.join("releases/r2").exists(), "the half-done release is removed");
+    assert!(
+        !h.root.join("releases/r2").exists(),
+        "the half-done release is removed"
+    );
     Ok(())
 }
 
@@ -81,10 +84,17 @@ async fn killed_just_after_the_switch() -> anyhow::Result<()> {
     let (h, results) = crash_at("after_switch").await?;
     assert_eq!(results.len(), 1, "exactly one result: {results:?}");
     assert_eq!(results[0].outcome, DeployOutcome::Failed);
-    assert!(results[0].rolled_back, "switched back: {:?}", results[0].error);
+    assert!(
+        results[0].rolled_back,
+        "switched back: {:?}",
+        results[0].error
+    );
     assert_complete_current(&h, "releases/r1");
     let lines = h.hook_lines();
-    assert!(lines.last().is_some_and(|l| l.starts_with("restart r1 ")), "{lines:?}");
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with("restart r1 ")),
+        "{lines:?}"
+    );
     Ok(())
 }
 
@@ -92,9 +102,18 @@ async fn killed_just_after_the_switch() -> anyhow::Result<()> {
 async fn killed_after_every_step_before_the_result() -> anyhow::Result<()> {
     let (h, results) = crash_at("before_result").await?;
     assert_eq!(results.len(), 1, "exactly one result: {results:?}");
-    assert_eq!(results[0].outcome, DeployOutcome::Succeeded, "{:?}", results[0].error);
+    assert_eq!(
+        results[0].outcome,
+        DeployOutcome::Succeeded,
+        "{:?}",
+        results[0].error
+    );
     assert_complete_current(&h, "releases/r2");
-    let post = h.hook_lines().iter().filter(|l| l.starts_with("post_switch r2")).count();
+    let post = h
+        .hook_lines()
+        .iter()
+        .filter(|l| l.starts_with("post_switch r2"))
+        .count();
     assert_eq!(post, 1, "no step ran twice");
     Ok(())
 }
@@ -112,9 +131,20 @@ async fn killed_after_the_result_was_written_but_not_published() -> anyhow::Resu
 async fn killed_after_receipt_before_any_step() -> anyhow::Result<()> {
     let (h, results) = crash_at("after_record").await?;
     assert_eq!(results.len(), 1, "exactly one result: {results:?}");
-    assert_eq!(results[0].outcome, DeployOutcome::Succeeded, "{:?}", results[0].error);
+    assert_eq!(
+        results[0].outcome,
+        DeployOutcome::Succeeded,
+        "{:?}",
+        results[0].error
+    );
     assert_complete_current(&h, "releases/r2");
-    assert_eq!(h.hook_lines().iter().filter(|l| l.starts_with("build r2")).count(), 1);
+    assert_eq!(
+        h.hook_lines()
+            .iter()
+            .filter(|l| l.starts_with("build r2"))
+            .count(),
+        1
+    );
     Ok(())
 }
 
@@ -150,20 +180,38 @@ async fn killed_during_the_build_hook() -> anyhow::Result<()> {
     })
     .await?;
     // kill -9 the agent alone: its hook runs on in its own process group.
-    h.agent.as_ref().expect("agent").signal(nix::sys::signal::Signal::SIGKILL);
-    h.agent.as_mut().expect("agent").wait(Duration::from_secs(10)).await?;
+    h.agent
+        .as_ref()
+        .expect("agent")
+        .signal(nix::sys::signal::Signal::SIGKILL);
+    h.agent
+        .as_mut()
+        .expect("agent")
+        .wait(Duration::from_secs(10))
+        .await?;
     h.start_agent(&[])?;
     let found = all_results(&mut results, cmd.id).await?;
     assert_eq!(found.len(), 1, "exactly one result: {found:?}");
     assert_eq!(found[0].outcome, DeployOutcome::Failed);
-    assert!(found[0].error.as_deref().unwrap_or("").contains("restart"), "{:?}", found[0].error);
+    assert!(
+        found[0].error.as_deref().unwrap_or("").contains("restart"),
+        "{:?}",
+        found[0].error
+    );
     assert_complete_current(&h, "releases/r1");
     assert!(!h.root.join("releases/r2").exists());
     // The orphaned build hook was killed by the new agent.
-    wait_until(Duration::from_secs(5), "the orphaned build hook to be killed", || async {
-        let out = std::process::Command::new("pgrep").args(["-f", "sleep 120"]).output().ok()?;
-        out.stdout.is_empty().then_some(())
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "the orphaned build hook to be killed",
+        || async {
+            let out = std::process::Command::new("pgrep")
+                .args(["-f", "sleep 120"])
+                .output()
+                .ok()?;
+            out.stdout.is_empty().then_some(())
+        },
+    )
     .await?;
     Ok(())
 }
