@@ -1,0 +1,95 @@
+//! `/etc/convoy/fetcher.toml`.
+
+use convoy_bus::{BusConfig, BusTuning, DEFAULT_AMQP_URL, DEFAULT_EXCHANGE};
+use convoy_message::names::{HostName, Name};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub amqp_url: String,
+    pub exchange: String,
+    /// This host's name (default: the system host name).
+    pub host: Option<String>,
+    /// Where the bare mirrors live: `<mirror_dir>/<repo>.git` (the agent exports from them).
+    pub mirror_dir: PathBuf,
+    /// Push events arriving within this window are served by one fetch.
+    pub debounce_ms: u64,
+    /// A fetch taking longer is abandoned and reported as failed.
+    pub fetch_timeout_s: u64,
+    pub repos: BTreeMap<String, RepoConfig>,
+    pub bus: BusTuning,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            amqp_url: DEFAULT_AMQP_URL.into(),
+            exchange: DEFAULT_EXCHANGE.into(),
+            host: None,
+            mirror_dir: "/var/lib/convoy/mirrors".into(),
+            debounce_ms: 300,
+            fetch_timeout_s: 300,
+            repos: BTreeMap::new(),
+            bus: BusTuning::default(),
+        }
+    }
+}
+
+/// One mirrored repository and how to reach it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RepoConfig {
+    /// `ssh://git@host/repo.git`, `https://host/repo.git`, or a local path.
+    pub url: String,
+    /// SSH private key for `ssh://` URLs.
+    pub ssh_key: Option<PathBuf>,
+    /// SSH user when the URL names none (default `git`).
+    pub ssh_user: Option<String>,
+    /// A file holding an HTTPS access token.
+    pub token_file: Option<PathBuf>,
+    /// The user name sent with the token (default `x-access-token`).
+    pub token_user: Option<String>,
+    /// Accepted SSH host keys, OpenSSH `known_hosts` format (unhashed entries). Required for
+    /// `ssh://` URLs: an unknown host key is refused.
+    pub known_hosts: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn bus_config(&self) -> BusConfig {
+        BusConfig {
+            amqp_url: self.amqp_url.clone(),
+            exchange: self.exchange.clone(),
+            tuning: self.bus.clone(),
+        }
+    }
+
+    pub fn host_name(&self) -> anyhow::Result<HostName> {
+        let raw = match &self.host {
+            Some(h) => h.clone(),
+            None => nix::unistd::gethostname()?
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("the system host name is not UTF-8; set `host`"))?,
+        };
+        HostName::new(raw).map_err(|e| anyhow::anyhow!("config key `host`: {e}"))
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.host_name()?;
+        for (name, repo) in &self.repos {
+            Name::new(name.as_str())
+                .map_err(|e| anyhow::anyhow!("config key `repos.{name}`: {e}"))?;
+            if repo.url.is_empty() {
+                anyhow::bail!("config key `repos.{name}.url` is required");
+            }
+            if repo.url.starts_with("ssh://") && repo.known_hosts.is_none() {
+                anyhow::bail!(
+                    "config key `repos.{name}.known_hosts` is required for ssh:// URLs (host keys are checked)"
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,81 @@
+//! `convoy-fetcher`: the per-host repository mirror daemon.
+
+use clap::Parser;
+use convoy_bus::{Bus, Consumer, Publisher, QueueSpec};
+use convoy_daemon::{ConfigArgs, Lifecycle, logging};
+use convoy_fetcher::config::Config;
+use convoy_fetcher::worker::{Fetcher, PushHandler};
+use convoy_message::routing::queue;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Keeps local mirrors of the configured repositories, fetching on push events.
+#[derive(Parser)]
+#[command(name = "convoy-fetcher", version)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    logging::init("fetcher");
+    let cli = Cli::parse();
+    let config: Config = match convoy_daemon::load("fetcher", &cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("convoy-fetcher: {e}");
+            return ExitCode::from(78);
+        }
+    };
+    if let Err(e) = config.validate() {
+        eprintln!("convoy-fetcher: {e}");
+        return ExitCode::from(78);
+    }
+    if cli.check_config {
+        println!("configuration is valid ({} repos)", config.repos.len());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("convoy-fetcher: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("convoy-fetcher: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let life = Lifecycle::start()?;
+    let host = config.host_name()?;
+    let bus = Bus::new(config.bus_config(), format!("convoy-fetcher@{host}"))?;
+    let publisher = Arc::new(Publisher::new(bus.clone()));
+    let fetcher = Arc::new(Fetcher::new(config, publisher)?);
+    let spec = QueueSpec::new(queue::fetcher(bus.exchange(), &host), fetcher.bindings());
+    let name = spec.name.clone();
+    let loops = fetcher.spawn_loops(&life.token());
+    let consumer = Consumer::new(bus.clone(), spec);
+    life.ready(&format!("consuming {name}"));
+    tracing::info!(%host, queue = %name, "fetcher ready");
+    consumer
+        .run(&PushHandler(fetcher.clone()), life.token())
+        .await?;
+    for l in loops {
+        let _ = tokio::time::timeout(Duration::from_secs(10), l).await;
+    }
+    bus.close().await;
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The push-event handler and the per-repository fetch loops.
+
+use crate::config::{Config, RepoConfig};
+use crate::mirror;
+use crate::pending::Pending;
+use convoy_bus::backoff::Backoff;
+use convoy_bus::{Disposition, Handler, Incoming, Outgoing, PublishError, Publisher};
+use convoy_message::names::{HostName, Name};
+use convoy_message::{Body, FetchReport, FetchStatus, Message};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Shared by the handler and the fetch loops.
+pub struct Fetcher {
+    config: Config,
+    host: HostName,
+    pending: Pending,
+    wake: HashMap<String, Arc<Notify>>,
+    publisher: Arc<Publisher>,
+}
+
+impl Fetcher {
+    pub fn new(config: Config, publisher: Arc<Publisher>) -> anyhow::Result<Self> {
+        let host = config.host_name()?;
+        std::fs::create_dir_all(&config.mirror_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "config key `mirror_dir` ({}): {e}",
+                config.mirror_dir.display()
+            )
+        })?;
+        let pending = Pending::open(&config.mirror_dir)?;
+        let wake = config
+            .repos
+            .keys()
+            .map(|r| (r.clone(), Arc::new(Notify::new())))
+            .collect();
+        Ok(Self {
+            config,
+            host,
+            pending,
+            wake,
+            publisher,
+        })
+    }
+
+    pub fn host(&self) -> &HostName {
+        &self.host
+    }
+
+    /// The push routing keys this host's queue binds: one per mirrored repo.
+    pub fn bindings(&self) -> Vec<String> {
+        self.config
+            .repos
+            .keys()
+            .filter_map(|r| Name::new(r.as_str()).ok())
+            .map(|r| convoy_message::routing::push(&r))
+            .collect()
+    }
+
+    fn mirror_path(&self, repo: &str) -> PathBuf {
+        self.config.mirror_dir.join(format!("{repo}.git"))
+    }
+
+    /// Starts one fetch loop per repo; each fetches once at start (catch-up).
+    pub fn spawn_loops(
+        self: &Arc<Self>,
+        cancel: &CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        self.config
+            .repos
+            .iter()
+            .map(|(name, repo)| {
+                let me = self.clone();
+                let name = name.clone();
+                let repo = repo.clone();
+                let cancel = cancel.clone();
+                tokio::spawn(async move { me.fetch_loop(name, repo, cancel).await })
+            })
+            .collect()
+    }
+
+    async fn fetch_loop(
+        self: Arc<Self>,
+        name: String,
+        repo: RepoConfig,
+        cancel: CancellationToken,
+    ) {
+        let Some(wake) = self.wake.get(&name).cloned() else {
+            return;
+        };
+        let path = self.mirror_path(&name);
+        let mut backoff = Backoff::new(Duration::from_secs(60));
+        let mut first = true;
+        loop {
+            if !first {
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = cancel.cancelled() => return,
+                }
+                // Let a burst of pushes gather: one fetch answers them all.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(self.config.debounce_ms)) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+            first = false;
+            let events = self.pending.list(&name);
+            let started = Instant::now();
+            let timeout = Duration::from_secs(self.config.fetch_timeout_s);
+            let (p, r, u) = (path.clone(), repo.clone(), repo.url.clone());
+            let job = tokio::task::spawn_blocking(move || {
+                mirror::ensure(&p, &u)
+                    .map_err(|e| format!("preparing the mirror: {}", e.message()))?;
+                mirror::fetch(&p, &r, Instant::now() + timeout)
+            });
+            let outcome = match tokio::time::timeout(timeout + Duration::from_secs(5), job).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(e)) => Err(format!("fetch task failed: {e}")),
+                Err(_) => Err("fetch abandoned at its deadline (fetch_timeout_s)".to_owned()),
+            };
+            let Ok(repo_name) = Name::new(name.as_str()) else {
+                return;
+            };
+            let ok = outcome.is_ok();
+            let report = FetchReport {
+                host: self.host.clone(),
+                repo: repo_name,
+                status: if ok {
+                    FetchStatus::Fetched
+                } else {
+                    FetchStatus::Failed
+                },
+                refs: outcome.as_ref().cloned().unwrap_or_default(),
+                for_events: events.clone(),
+                error: outcome.as_ref().err().cloned(),
+                duration_ms: started.elapsed().as_millis() as u64,
+            };
+            match &outcome {
+                Ok(refs) => tracing::info!(repo = %name, refs = refs.len(), events = events.len(),
+                    ms = report.duration_ms, "fetched"),
+                Err(e) => tracing::warn!(repo = %name, error = %e, "fetch failed"),
+            }
+            let message = Message::new(format!("fetcher@{}", self.host), Body::Fetch(report));
+            if self.report(&message, &cancel).await.is_err() {
+                return;
+            }
+            if ok {
+                backoff.reset();
+                if let Err(e) = self.pending.remove(&name, &events) {
+                    tracing::warn!(error = %e, "cannot update the pending list; those events will be answered again");
+                }
+            } else {
+                // Try again later, pending events kept.
+                let delay = backoff.next_delay();
+                let wake = wake.clone();
+                let cancel = cancel.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => wake.notify_one(),
+                        _ = cancel.cancelled() => {}
+                    }
+                });
+            }
+        }
+    }
+
+    /// Publishes a fetch report; one nobody is bound to receive is dropped.
+    async fn report(
+        &self,
+        message: &Message,
+        cancel: &CancellationToken,
+    ) -> Result<(), PublishError> {
+        let out = Outgoing::message(message)?;
+        let mut backoff = Backoff::new(Duration::from_secs(5));
+        loop {
+            match self.publisher.publish_once(&out).await {
+                Ok(()) => return Ok(()),
+                Err(PublishError::Unroutable { .. }) => {
+                    tracing::debug!("no consumer bound for fetch reports; dropped");
+                    return Ok(());
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "fetch report not confirmed; will publish again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled() => return Err(PublishError::Cancelled),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The push-event handler: record, wake the repo's loop, ack.
+pub struct PushHandler(pub Arc<Fetcher>);
+
+impl Handler for PushHandler {
+    async fn handle(&self, incoming: Incoming) -> Disposition {
+        let Body::Push(push) = &incoming.message.body else {
+            return Disposition::DeadLetter(convoy_message::Rejection::new(
+                convoy_message::RejectionCode::Unexpected,
+                format!("a {} message on a fetcher queue", incoming.message.kind()),
+            ));
+        };
+        let repo = push.repo.as_str();
+        let Some(wake) = self.0.wake.get(repo) else {
+            tracing::debug!(
+                repo,
+                "push for a repository this host does not mirror; ignored"
+            );
+            return Disposition::Ack;
+        };
+        if let Err(e) = self.0.pending.add(repo, incoming.message.id) {
+            tracing::error!(error = %e, "cannot record the push event; it goes back to the queue");
+            return Disposition::Retry;
+        }
+        tracing::debug!(repo, git_ref = %push.git_ref, id = %incoming.message.id, "push event");
+        wake.notify_one();
+        Disposition::Ack
+    }
+}
