@@ -219,3 +219,40 @@ impl AgentConfig {
             .map(|a| a.repo.clone().unwrap_or_else(|| app.to_owned()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_example_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../packaging/etc/convoy/agent.toml");
+        let args = convoy_daemon::ConfigArgs {
+            config: Some(path.into()),
+            set: vec!["host=web1".into()],
+        };
+        let config: AgentConfig = convoy_daemon::settings::load_from("agent", &args, Vec::new()).unwrap();
+        config.validate().unwrap();
+        let shop = &config.apps["shop"];
+        assert_eq!(shop.hooks.pre_switch.as_ref().unwrap().argv()[0], "bundle");
+        assert_eq!(shop.hooks.build.as_ref().unwrap().argv()[0], "/bin/sh");
+        assert!(shop.health.as_ref().unwrap().url.is_some());
+    }
+
+    #[test]
+    fn bad_apps_are_named() {
+        let mut config = AgentConfig {
+            host: Some("web1".into()),
+            ..AgentConfig::default()
+        };
+        config.apps.insert(
+            "shop".into(),
+            AppConfig {
+                root: "relative/path".into(),
+                ..AppConfig::default()
+            },
+        );
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("apps.shop.root"), "{err}");
+    }
+}

@@ -93,3 +93,36 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_example_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../packaging/etc/convoy/fetcher.toml");
+        let args = convoy_daemon::ConfigArgs {
+            config: Some(path.into()),
+            set: vec!["host=web1".into()],
+        };
+        let config: Config = convoy_daemon::settings::load_from("fetcher", &args, Vec::new()).unwrap();
+        config.validate().unwrap();
+        assert!(config.repos["shop"].known_hosts.is_some());
+    }
+
+    #[test]
+    fn ssh_without_known_hosts_is_refused() {
+        let mut config = Config {
+            host: Some("web1".into()),
+            ..Config::default()
+        };
+        config.repos.insert(
+            "shop".into(),
+            RepoConfig {
+                url: "ssh://git@git.example.com/shop.git".into(),
+                ..RepoConfig::default()
+            },
+        );
+        assert!(config.validate().unwrap_err().to_string().contains("repos.shop.known_hosts"));
+    }
+}
