@@ -163,8 +163,13 @@ pub async fn run(argv: &[String], env: &HookEnv<'_>) -> HookRun {
         }
     };
     if timed_out && let Some(pgid) = pgid {
-        // Children that ignored SIGTERM, or that the leader left behind.
+        // Children that ignored SIGTERM, or that the leader left behind; wait (bounded)
+        // until the group is really gone, so nothing of it races the next step.
         let _ = killpg(pgid, Signal::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while group_alive(pgid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     // A background child may hold the pipes open: read what is there, then stop.
     for reader in readers {
@@ -184,6 +189,27 @@ pub async fn run(argv: &[String], env: &HookEnv<'_>) -> HookRun {
         output_tail,
         spawn_error: None,
     }
+}
+
+/// Whether any process of the group still exists (zombies awaiting their reaper count as
+/// gone: they run nothing).
+fn group_alive(pgid: Pid) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        // Fields after the command name: state, ppid, pgrp, …
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return false;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
+        pgrp == Some(pgid.as_raw()) && state != "Z" && state != "X"
+    })
 }
 
 async fn pump(mut from: impl AsyncReadExt + Unpin, tail: Arc<Mutex<Tail>>) {
