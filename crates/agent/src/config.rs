@@ -226,12 +226,16 @@ mod tests {
 
     #[test]
     fn the_packaged_example_config_is_valid() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../packaging/etc/convoy/agent.toml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../packaging/etc/convoy/agent.toml"
+        );
         let args = convoy_daemon::ConfigArgs {
             config: Some(path.into()),
             set: vec!["host=web1".into()],
         };
-        let config: AgentConfig = convoy_daemon::settings::load_from("agent", &args, Vec::new()).unwrap();
+        let config: AgentConfig =
+            convoy_daemon::settings::load_from("agent", &args, Vec::new()).unwrap();
         config.validate().unwrap();
         let shop = &config.apps["shop"];
         assert_eq!(shop.hooks.pre_switch.as_ref().unwrap().argv()[0], "bundle");

@@ -100,12 +100,16 @@ mod tests {
 
     #[test]
     fn the_packaged_example_config_is_valid() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../packaging/etc/convoy/fetcher.toml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../packaging/etc/convoy/fetcher.toml"
+        );
         let args = convoy_daemon::ConfigArgs {
             config: Some(path.into()),
             set: vec!["host=web1".into()],
         };
-        let config: Config = convoy_daemon::settings::load_from("fetcher", &args, Vec::new()).unwrap();
+        let config: Config =
+            convoy_daemon::settings::load_from("fetcher", &args, Vec::new()).unwrap();
         config.validate().unwrap();
         assert!(config.repos["shop"].known_hosts.is_some());
     }
@@ -123,6 +127,12 @@ mod tests {
                 ..RepoConfig::default()
             },
         );
-        assert!(config.validate().unwrap_err().to_string().contains("repos.shop.known_hosts"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("repos.shop.known_hosts")
+        );
     }
 }

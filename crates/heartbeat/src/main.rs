@@ -287,12 +287,16 @@ mod tests {
 
     #[test]
     fn the_packaged_example_config_is_valid() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../packaging/etc/convoy/heartbeat.toml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../packaging/etc/convoy/heartbeat.toml"
+        );
         let args = ConfigArgs {
             config: Some(path.into()),
             set: vec!["host=web1".into()],
         };
-        let config: Config = convoy_daemon::settings::load_from("heartbeat", &args, Vec::new()).unwrap();
+        let config: Config =
+            convoy_daemon::settings::load_from("heartbeat", &args, Vec::new()).unwrap();
         config.validate().unwrap();
         assert_eq!(config.labels["stage"], "prod");
     }
