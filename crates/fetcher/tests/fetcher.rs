@@ -5,7 +5,7 @@ use convoy_message::names::{Name, RefName, Sha};
 use convoy_message::{Body, FetchReport, FetchStatus, Message, PushChange, PushEvent, RefKind};
 use convoy_testkit::git::{self, git};
 use convoy_testkit::{BrokerNode, Daemon, Tap, TestBus, wait_until};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -92,25 +92,40 @@ async fn next_report(tap: &mut Tap, timeout: Duration) -> anyhow::Result<FetchRe
     }
 }
 
-/// Reports until `want` event ids were all answered; returns (reports, answered ids).
+/// Reports until every host in `hosts` answered all of `want`; returns each host's reports.
+async fn collect_all(
+    tap: &mut Tap,
+    want: &HashSet<Uuid>,
+    hosts: &[&str],
+) -> anyhow::Result<HashMap<String, Vec<FetchReport>>> {
+    let mut reports: HashMap<String, Vec<FetchReport>> = HashMap::new();
+    let mut answered: HashMap<String, HashSet<Uuid>> = HashMap::new();
+    while !hosts
+        .iter()
+        .all(|h| answered.get(*h).is_some_and(|a| want.is_subset(a)))
+    {
+        let r = next_report(tap, Duration::from_secs(60)).await?;
+        let host = r.host.to_string();
+        if r.status == FetchStatus::Fetched {
+            answered
+                .entry(host.clone())
+                .or_default()
+                .extend(r.for_events.iter().copied());
+        }
+        reports.entry(host).or_default().push(r);
+    }
+    Ok(reports)
+}
+
 async fn collect(
     tap: &mut Tap,
     want: &HashSet<Uuid>,
     host: &str,
 ) -> anyhow::Result<Vec<FetchReport>> {
-    let mut reports = Vec::new();
-    let mut answered = HashSet::new();
-    while !want.is_subset(&answered) {
-        let r = next_report(tap, Duration::from_secs(60)).await?;
-        if r.host.as_str() != host {
-            continue;
-        }
-        if r.status == FetchStatus::Fetched {
-            answered.extend(r.for_events.iter().copied());
-        }
-        reports.push(r);
-    }
-    Ok(reports)
+    Ok(collect_all(tap, want, &[host])
+        .await?
+        .remove(host)
+        .unwrap_or_default())
 }
 
 #[tokio::test]
@@ -141,8 +156,8 @@ async fn a_push_makes_every_fetcher_fetch_and_deleted_branches_are_pruned() -> a
         )
         .await?;
     let want: HashSet<Uuid> = [event.id].into();
-    for host in ["host-a", "host-b"] {
-        let reports = collect(&mut tap, &want, host).await?;
+    let all = collect_all(&mut tap, &want, &["host-a", "host-b"]).await?;
+    for reports in all.values() {
         let last = reports.last().expect("a report");
         assert_eq!(last.refs["refs/heads/main"].as_str(), sha);
         assert!(last.refs.contains_key("refs/heads/feature"));
