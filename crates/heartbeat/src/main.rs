@@ -7,7 +7,7 @@ use chrono::Utc;
 use clap::Parser;
 use convoy_bus::{
     Bus, BusConfig, BusTuning, DEFAULT_AMQP_URL, DEFAULT_EXCHANGE, Outgoing, PublishError,
-    Publisher, Retry,
+    Publisher,
 };
 use convoy_daemon::{ConfigArgs, Lifecycle, logging};
 use convoy_message::names::{HostName, Name};
@@ -262,19 +262,29 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
                 continue;
             }
         };
-        // A heartbeat is only worth its interval: never queue them up.
-        let budget = Duration::from_secs(u64::from(config.interval_s)).max(Duration::from_secs(1));
-        match publisher.publish(&out, Retry::within(budget)).await {
-            Ok(()) => tracing::debug!("heartbeat sent"),
-            Err(PublishError::Unroutable { .. }) => {
-                tracing::debug!("no conductor queue bound yet; heartbeat dropped")
+        // A heartbeat is only worth its interval: never queue them up. One nobody is bound
+        // to receive (no conductor yet) is dropped at once, not retried.
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(u64::from(config.interval_s));
+        let mut backoff = convoy_bus::backoff::Backoff::new(Duration::from_secs(5));
+        loop {
+            match publisher.publish_once(&out).await {
+                Ok(()) => tracing::debug!("heartbeat sent"),
+                Err(PublishError::Unroutable { .. }) => {
+                    tracing::debug!("no conductor queue bound yet; heartbeat dropped")
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    if tokio::time::Instant::now() + delay < deadline {
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => continue,
+                            _ = life.stopping() => {}
+                        }
+                    }
+                    tracing::warn!(error = %e, "heartbeat not sent");
+                }
             }
-            Err(PublishError::GaveUp { last, .. })
-                if matches!(*last, PublishError::Unroutable { .. }) =>
-            {
-                tracing::debug!("no conductor queue bound yet; heartbeat dropped")
-            }
-            Err(e) => tracing::warn!(error = %e, "heartbeat not sent"),
+            break;
         }
     }
     bus.close().await;

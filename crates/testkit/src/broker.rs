@@ -33,6 +33,14 @@ impl BrokerNode {
 
     /// Starts a node and waits until it accepts AMQP connections.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| Ok(String::new())).await
+    }
+
+    /// Starts a node whose `rabbitmq.conf` gets the lines `extra` returns; `extra` is given
+    /// the node's directory (owned by `rabbitmq`) to put files such as certificates in.
+    pub async fn start_with(
+        extra: impl FnOnce(&Path) -> anyhow::Result<String>,
+    ) -> anyhow::Result<Self> {
         if !Self::available() {
             bail!(
                 "a private RabbitMQ node needs rabbitmq-server installed and root (run scripts/test)"
@@ -42,7 +50,11 @@ impl BrokerNode {
         let dir = tempfile::Builder::new().prefix("convoy-rmq-").tempdir()?;
         chown(dir.path(), Some(user.uid), Some(user.gid))?;
         let conf = dir.path().join("rabbitmq.conf");
-        std::fs::write(&conf, "loopback_users = none\n")?;
+        let more = extra(dir.path())?;
+        std::fs::write(&conf, format!("loopback_users = none\n{more}\n"))?;
+        for entry in std::fs::read_dir(dir.path())?.flatten() {
+            chown(entry.path().as_path(), Some(user.uid), Some(user.gid))?;
+        }
         let plugins = dir.path().join("enabled_plugins");
         std::fs::write(&plugins, "[].\n")?;
         for f in [&conf, &plugins] {
@@ -66,6 +78,11 @@ impl BrokerNode {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The node's directory (config, data, logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     fn pid_file(&self) -> PathBuf {

@@ -1,0 +1,264 @@
+//! `convoy-hook`: the git post-receive hook, its spool drain, its installer, and the
+//! webhook receiver.
+
+use clap::{Parser, Subcommand};
+use convoy_bus::{Bus, Publisher};
+use convoy_daemon::{ConfigArgs, Lifecycle, logging};
+use convoy_hook::config::Config;
+use convoy_hook::spool::Spool;
+use convoy_hook::webhook::{Deliveries, Receiver};
+use convoy_hook::{install, post_receive};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "convoy-hook",
+    version,
+    about = "Announces git pushes on the convoy bus"
+)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run as git's post-receive hook: reads `old new ref` lines on stdin (the default).
+    PostReceive {
+        /// The repository's name on the bus (default: its directory name without .git).
+        #[arg(long)]
+        repo: Option<String>,
+    },
+    /// Publish spooled events, oldest first, with their original ids.
+    Drain {
+        /// Keep running, draining every `drain_interval_s` (for a systemd service).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Install the hook into a repository, chaining an existing post-receive hook.
+    Install {
+        /// The repository (bare `NAME.git`, or a work tree).
+        repo: PathBuf,
+        /// The name events carry (default: the directory name without .git).
+        #[arg(long)]
+        name: Option<String>,
+        /// The convoy-hook binary the hook runs (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+    /// Receive GitHub, GitLab and Gitea push webhooks.
+    Serve,
+}
+
+fn load(args: &ConfigArgs) -> Result<Config, String> {
+    convoy_daemon::load::<Config>("hook", args).map_err(|e| e.to_string())
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None | Some(Command::PostReceive { .. }) => {
+            let repo = match &cli.command {
+                Some(Command::PostReceive { repo }) => repo.clone(),
+                _ => None,
+            };
+            hook(&cli.config, repo.as_deref());
+            // Whatever happened, the push succeeded: exit now, closing stdout and stderr,
+            // without waiting for any background thread.
+            std::process::exit(0);
+        }
+        Some(Command::Drain { watch }) => {
+            logging::init("hook");
+            exit(load(&cli.config).and_then(|c| {
+                runtime()
+                    .map_err(|e| e.to_string())?
+                    .block_on(drain(c, watch))
+                    .map_err(|e| format!("{e:#}"))
+            }))
+        }
+        Some(Command::Install { repo, name, binary }) => {
+            let binary = binary
+                .or_else(|| std::env::current_exe().ok())
+                .unwrap_or_else(|| "convoy-hook".into());
+            exit(
+                install::install(
+                    &repo,
+                    &binary,
+                    name.as_deref(),
+                    cli.config.config.as_deref(),
+                )
+                .map(|note| println!("convoy-hook: {note}"))
+                .map_err(|e| format!("{e:#}")),
+            )
+        }
+        Some(Command::Serve) => {
+            logging::init("hook");
+            exit(load(&cli.config).and_then(|c| {
+                runtime()
+                    .map_err(|e| e.to_string())?
+                    .block_on(serve(c))
+                    .map_err(|e| format!("{e:#}"))
+            }))
+        }
+    }
+}
+
+fn exit(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("convoy-hook: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The hook: one warning line at most for the person pushing.
+fn hook(args: &ConfigArgs, repo: Option<&str>) {
+    let mut input = String::new();
+    let _ = std::io::stdin().read_to_string(&mut input);
+    let config = match load(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("convoy: push not announced: {e}");
+            return;
+        }
+    };
+    let git_dir = std::env::var_os("GIT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ".".into());
+    let name = match post_receive::repo_name(&config, repo, &git_dir) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("convoy: push not announced: {e}");
+            return;
+        }
+    };
+    let Ok(rt) = runtime() else {
+        eprintln!("convoy: push not announced: cannot start a runtime");
+        return;
+    };
+    let outcome = rt.block_on(post_receive::run(&config, &name, &input, &git_dir));
+    for skipped in &outcome.skipped {
+        eprintln!("convoy: skipped a line: {skipped}");
+    }
+    if outcome.spooled > 0 {
+        eprintln!(
+            "convoy: the bus did not answer within {} ms; {} push event(s) spooled in {} and sent later by `convoy-hook drain`",
+            config.budget_ms,
+            outcome.spooled,
+            config.spool_dir.display()
+        );
+    }
+    rt.shutdown_background();
+}
+
+async fn drain(config: Config, watch: bool) -> anyhow::Result<()> {
+    let spool = Spool::open(&config.spool_dir)?;
+    let bus = Bus::new(config.bus_config(), "convoy-hook-drain")?;
+    let publisher = Publisher::new(bus.clone());
+    let per_event = Duration::from_millis(config.bus.confirm_timeout_ms.max(1000) * 2);
+    if !watch {
+        let sent = spool.drain(&publisher, per_event).await;
+        let left = spool.list()?.len();
+        bus.close().await;
+        return match sent {
+            Ok(n) => {
+                println!("sent {n} spooled event(s); {left} left");
+                Ok(())
+            }
+            Err(e) => anyhow::bail!("{e}; {left} event(s) stay spooled"),
+        };
+    }
+    let life = Lifecycle::start()?;
+    life.ready("draining the spool");
+    let mut tick = tokio::time::interval(Duration::from_secs(config.drain_interval_s.max(1)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = life.stopping() => break,
+        }
+        match spool.drain(&publisher, per_event).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sent = n, "spooled events published"),
+            Err(e) => tracing::warn!(error = %e, "spool not drained; will retry"),
+        }
+    }
+    bus.close().await;
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let life = Lifecycle::start()?;
+    let spool = Spool::open(&config.spool_dir)?;
+    let deliveries = Deliveries::open(config.spool_dir.join("deliveries"))?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let spooled = Arc::new(tokio::sync::Notify::new());
+    let receiver = Arc::new(Receiver {
+        github_secret: config.serve.github_secret.clone(),
+        gitlab_token: config.serve.gitlab_token.clone(),
+        gitea_secret: config.serve.gitea_secret.clone(),
+        repo_names: config.serve.repo_names.clone(),
+        max_commits: config.max_commits,
+        spool,
+        deliveries,
+        spooled: spooled.clone(),
+        from: format!("hook@{}", host.trim()),
+    });
+    if receiver.github_secret.is_none()
+        && receiver.gitlab_token.is_none()
+        && receiver.gitea_secret.is_none()
+    {
+        anyhow::bail!(
+            "no forge is enabled: set serve.github_secret, serve.gitlab_token or serve.gitea_secret"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(&config.serve.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("config key `serve.listen` ({}): {e}", config.serve.listen))?;
+    let app = convoy_hook::webhook::router(receiver, config.serve.body_limit_bytes);
+
+    // Publish what the receiver spools, in order, as soon as it is spooled.
+    let drainer = {
+        let spool = Spool::open(&config.spool_dir)?;
+        let bus = Bus::new(config.bus_config(), "convoy-hook-serve")?;
+        let interval = Duration::from_secs(config.drain_interval_s.max(1));
+        let token = life.token();
+        tokio::spawn(async move {
+            let publisher = Publisher::new(bus.clone());
+            loop {
+                match spool.drain(&publisher, Duration::from_secs(10)).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(sent = n, "webhook events published"),
+                    Err(e) => tracing::warn!(error = %e, "webhook events wait in the spool"),
+                }
+                tokio::select! {
+                    _ = spooled.notified() => {}
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = token.cancelled() => break,
+                }
+            }
+            bus.close().await;
+        })
+    };
+    tracing::info!(listen = %config.serve.listen, "receiving webhooks");
+    life.ready(&format!("listening on {}", config.serve.listen));
+    let token = life.token();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await?;
+    let _ = tokio::time::timeout(Duration::from_secs(5), drainer).await;
+    Ok(())
+}
