@@ -13,27 +13,22 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+/// Another workspace binary next to the agent's, built (or brought up to date) first.
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let agent = PathBuf::from(env!("CARGO_BIN_EXE_convoy-agent"));
-    let path = agent.with_file_name(name);
-    if !path.exists() {
-        let profile = if agent.to_string_lossy().contains("/release/") {
-            "--release"
-        } else {
-            "--quiet"
-        };
-        let package = name.to_owned();
-        let status =
-            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", profile, "-p", &package])
-                .status()?;
-        anyhow::ensure!(status.success(), "building {name}");
+    let release = agent.to_string_lossy().contains("/release/");
+    let mut cargo =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo.args(["build", "--quiet", "-p", name]);
+    if release {
+        cargo.arg("--release");
     }
-    Ok(path)
+    anyhow::ensure!(cargo.status()?.success(), "building {name}");
+    Ok(agent.with_file_name(name))
 }
 
-/// (RSS KiB, CPU ticks, context switches) of a process and its threads.
-fn sample(pid: i32) -> (u64, u64, u64) {
+/// RSS KiB, CPU ticks, and context switches per thread id, of a process.
+fn sample(pid: i32) -> (u64, u64, std::collections::HashMap<String, u64>) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss = status
         .lines()
@@ -46,24 +41,34 @@ fn sample(pid: i32) -> (u64, u64, u64) {
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let mut switches = 0;
+    let mut switches = std::collections::HashMap::new();
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for t in tasks.flatten() {
             let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            for l in s.lines() {
-                if l.starts_with("voluntary_ctxt_switches:")
-                    || l.starts_with("nonvoluntary_ctxt_switches:")
-                {
-                    switches += l
-                        .split_whitespace()
-                        .nth(1)
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(0);
-                }
-            }
+            let n: u64 = s
+                .lines()
+                .filter(|l| {
+                    l.starts_with("voluntary_ctxt_switches:")
+                        || l.starts_with("nonvoluntary_ctxt_switches:")
+                })
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum();
+            switches.insert(t.file_name().to_string_lossy().into_owned(), n);
         }
     }
     (rss, ticks, switches)
+}
+
+/// Context switches during the window, over the threads alive at both ends (a thread that
+/// started meanwhile counts from zero).
+fn woken(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> u64 {
+    after
+        .iter()
+        .map(|(tid, n)| n.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -182,13 +187,13 @@ async fn main() -> anyhow::Result<()> {
         1000.0 / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
     println!("idle, {}s window after 5s warm-up:", idle_window.as_secs());
     for (i, (name, _)) in daemons.iter().enumerate() {
-        let (rss, t0, s0) = before[i];
-        let (rss1, t1, s1) = after[i];
+        let (rss, t0, s0) = &before[i];
+        let (rss1, t1, s1) = &after[i];
         println!(
             "  {name:<10} RSS {:>5.1} MiB  CPU {:>4.0} ms  wake-ups {:>5.2}/s",
-            rss.max(rss1) as f64 / 1024.0,
-            (t1 - t0) as f64 * tick_ms,
-            (s1 - s0) as f64 / idle_window.as_secs_f64()
+            *rss.max(rss1) as f64 / 1024.0,
+            t1.saturating_sub(*t0) as f64 * tick_ms,
+            woken(s0, s1) as f64 / idle_window.as_secs_f64()
         );
     }
 

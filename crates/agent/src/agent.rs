@@ -159,14 +159,14 @@ impl Agent {
         for entry in self.journal.entries()? {
             if let Some(bytes) = entry.result() {
                 if !entry.is_published() {
-                    self.republish(&ctx, entry, &bytes);
+                    republish(&ctx, entry, &bytes);
                 }
                 continue;
             }
             let raw = entry.command()?;
             let command = Message::decode(&raw)
                 .ok()
-                .and_then(|m| self.verifier().verify(&m, m.at).ok());
+                .and_then(|m| self.verifier().verify_signed(&m).ok());
             match command {
                 Some(command) => {
                     resumed += 1;
@@ -185,21 +185,6 @@ impl Agent {
             .read()
             .map(|v| v.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
-    }
-
-    fn republish(&self, ctx: &Ctx, entry: Entry, bytes: &[u8]) {
-        match Message::decode(bytes) {
-            Ok(message) => {
-                match routing::for_message(&message).map(|key| Outgoing::with_key(&message, key)) {
-                    Some(Ok(mut out)) => {
-                        out.payload = bytes.to_vec();
-                        ctx.outbox.result(out, entry);
-                    }
-                    _ => tracing::error!(id = %entry.id, "recorded result cannot be routed"),
-                }
-            }
-            Err(e) => tracing::error!(id = %entry.id, error = %e, "recorded result is unreadable"),
-        }
     }
 
     fn app_lock(&self, app: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -228,12 +213,21 @@ impl Agent {
                 Some((_, mutex)) => Some(mutex.clone().lock_owned().await),
                 None => None,
             };
-            let _flock = match &lock {
-                Some((app, _)) => flock(&ctx, app).await,
+            let flocked = match &lock {
+                Some((app, _)) => Some(flock(&ctx, app).await),
                 None => None,
             };
-            let result = Run::new(&ctx, entry.clone(), command).execute().await;
-            finish(&ctx, entry, result);
+            // Another task (or agent) may have finished it while we waited for the locks.
+            if let Some(bytes) = entry.result() {
+                republish(&ctx, entry, &bytes);
+            } else if let Some(Err(why)) = &flocked {
+                let result = Run::new(&ctx, entry.clone(), command).fail_now(why.clone());
+                finish(&ctx, entry, result);
+            } else {
+                let result = Run::new(&ctx, entry.clone(), command).execute().await;
+                finish(&ctx, entry, result);
+            }
+            drop(flocked);
             running
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -248,6 +242,22 @@ impl Agent {
         tokio::time::timeout(deadline, self.tasks.wait())
             .await
             .is_ok()
+    }
+}
+
+/// Queues a recorded result for publication again, bytes unchanged (same message id).
+fn republish(ctx: &Ctx, entry: Entry, bytes: &[u8]) {
+    match Message::decode(bytes) {
+        Ok(message) => {
+            match routing::for_message(&message).map(|key| Outgoing::with_key(&message, key)) {
+                Some(Ok(mut out)) => {
+                    out.payload = bytes.to_vec();
+                    ctx.outbox.result(out, entry);
+                }
+                _ => tracing::error!(id = %entry.id, "recorded result cannot be routed"),
+            }
+        }
+        Err(e) => tracing::error!(id = %entry.id, error = %e, "recorded result is unreadable"),
     }
 }
 
@@ -276,39 +286,41 @@ fn finish(ctx: &Ctx, entry: Entry, result: Message) {
 }
 
 /// Takes `<state_dir>/locks/<app>.lock` exclusively (waits for another agent process).
-async fn flock(ctx: &Ctx, app: &str) -> Option<Flock<std::fs::File>> {
+async fn flock(ctx: &Ctx, app: &str) -> Result<Flock<std::fs::File>, String> {
     let dir = ctx.config.state_dir.join("locks");
     let path = dir.join(format!("{app}.lock"));
-    let taken = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&dir).ok()?;
+    let shown = path.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
-            .ok()?;
-        Flock::lock(file, FlockArg::LockExclusive).ok()
+            .map_err(|e| e.to_string())?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| e.to_string())
     })
     .await
-    .ok()
-    .flatten();
-    if taken.is_none() {
-        tracing::warn!(
-            app,
-            "could not take the app's lock file; relying on the in-process lock"
-        );
-    }
-    taken
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+    .map_err(|e| format!("cannot take the app lock {shown}: {e}; nothing was done"))
 }
 
 impl Handler for Agent {
     async fn handle(&self, incoming: Incoming) -> Disposition {
-        let command = match self.verifier().verify(&incoming.message, Utc::now()) {
+        let verifier = self.verifier();
+        // Signature and address first; the validity window only for commands not seen
+        // before, so a command re-sent after it expired is still answered from the journal.
+        let command = match verifier.verify_signed(&incoming.message) {
             Ok(c) => c,
             Err(rejection) => return Disposition::DeadLetter(rejection),
         };
+        let payload = match &incoming.message.body {
+            convoy_message::Body::Command(signed) => signed.payload.clone(),
+            _ => String::new(),
+        };
         let ctx = self.ctx();
-        match self.journal.lookup(command.id, &incoming.raw) {
+        match self.journal.lookup(command.id, payload.as_bytes()) {
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the journal; the command goes back to the queue");
                 Disposition::Retry
@@ -324,26 +336,34 @@ impl Handler for Agent {
                 match entry.result() {
                     Some(bytes) => {
                         tracing::info!(id = %command.id, "command seen before: answering with the recorded result");
-                        self.republish(&ctx, entry, &bytes);
+                        republish(&ctx, entry, &bytes);
                     }
                     None => self.spawn(entry, command),
                 }
                 Disposition::Ack
             }
-            Ok(Lookup::New) => match self.journal.record(command.id, &incoming.raw) {
-                Ok(entry) => {
-                    tracing::info!(id = %command.id, action = command.action.verb(),
-                        app = command.action.app().map(|a| a.as_str()).unwrap_or("-"),
-                        issuer = %command.issuer, "command accepted");
-                    ctx.faults.hit("after_record");
-                    self.spawn(entry, command);
-                    Disposition::Ack
+            Ok(Lookup::New) => {
+                if let Err(rejection) = verifier.check_window(&command, Utc::now()) {
+                    return Disposition::DeadLetter(rejection);
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot journal the command; it goes back to the queue");
-                    Disposition::Retry
+                match self
+                    .journal
+                    .record(command.id, &incoming.raw, payload.as_bytes())
+                {
+                    Ok(entry) => {
+                        tracing::info!(id = %command.id, action = command.action.verb(),
+                            app = command.action.app().map(|a| a.as_str()).unwrap_or("-"),
+                            issuer = %command.issuer, "command accepted");
+                        ctx.faults.hit("after_record");
+                        self.spawn(entry, command);
+                        Disposition::Ack
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot journal the command; it goes back to the queue");
+                        Disposition::Retry
+                    }
                 }
-            },
+            }
         }
     }
 }

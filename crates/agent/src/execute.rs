@@ -75,7 +75,11 @@ impl<'a> Run<'a> {
         if recovering {
             tracing::warn!(id = %self.cmd.id, phase = ?self.progress.phase,
                 "recovering a command interrupted by a restart");
-            if let Some(pgid) = self.progress.hook_pgid.take() {
+            let same_boot = self.progress.hook_boot.is_some()
+                && self.progress.hook_boot == crate::journal::boot_id();
+            if let Some(pgid) = self.progress.hook_pgid.take()
+                && same_boot
+            {
                 // The predecessor's hook may still run: it must not race what comes next.
                 let _ = nix::sys::signal::killpg(
                     nix::unistd::Pid::from_raw(pgid),
@@ -124,12 +128,14 @@ impl<'a> Run<'a> {
         Ok((app, root))
     }
 
-    fn save(&mut self, phase: Phase) {
+    /// Records the phase before acting on it. Callers about to touch `current` must not go
+    /// on when this fails: a crash could then not be recovered exactly.
+    fn save(&mut self, phase: Phase) -> Result<(), String> {
         self.progress.phase = phase;
-        if let Err(e) = self.entry.save_progress(&self.progress) {
-            // Without a journal a crash could not be recovered exactly; go on, but say so.
+        self.entry.save_progress(&self.progress).map_err(|e| {
             tracing::error!(error = %e, "cannot write the journal");
-        }
+            format!("cannot write the journal: {e}")
+        })
     }
 
     fn app_name(&self) -> Option<Name> {
@@ -262,6 +268,7 @@ impl<'a> Run<'a> {
         let remember = move |pgid: i32| {
             let mut p = snapshot.clone();
             p.hook_pgid = Some(pgid);
+            p.hook_boot = crate::journal::boot_id();
             let _ = entry.save_progress(&p);
         };
         let env = HookEnv {
@@ -273,6 +280,8 @@ impl<'a> Run<'a> {
         };
         let run = hooks::run(&command.argv(), &env).await;
         self.progress.hook_pgid = None;
+        // Forget the group at once: its id may be reused by anything after this.
+        let _ = self.entry.save_progress(&self.progress);
         let state = if run.ok() {
             StepState::Succeeded
         } else {
@@ -311,10 +320,24 @@ impl<'a> Run<'a> {
         self.announce(Step::Health, StepState::Started, None);
         let vars = self.vars(app, root, release, Step::Health);
         let dir = root.release_dir(release);
-        let user = app
-            .user
-            .as_deref()
-            .and_then(|u| nix::unistd::User::from_name(u).ok().flatten());
+        let user = match app.user.as_deref().map(nix::unistd::User::from_name) {
+            None => None,
+            Some(Ok(Some(u))) => Some(u),
+            Some(_) => {
+                let why = format!(
+                    "health check user {:?} does not exist",
+                    app.user.as_deref().unwrap_or("")
+                );
+                self.report(
+                    Step::Health,
+                    StepState::Failed,
+                    None,
+                    Duration::ZERO,
+                    why.clone(),
+                );
+                return Err(why);
+            }
+        };
         let env = HookEnv {
             cwd: &dir,
             vars: &vars,
@@ -351,8 +374,13 @@ impl<'a> Run<'a> {
         self.progress.target = Some(release.clone());
         self.progress.current_before = current.clone();
         self.progress.previous_before = root.previous().ok().flatten();
-        if current.as_ref() == Some(&release) && !spec.no_switch {
-            self.save(Phase::Complete);
+        if current.as_ref() == Some(&release) && spec.no_switch {
+            return End::refused(format!(
+                "release {release} is current; a preview needs a release id of its own"
+            ));
+        }
+        if current.as_ref() == Some(&release) {
+            let _ = self.save(Phase::Complete);
             return End {
                 error: Some(format!(
                     "release {release} is already current; nothing to do"
@@ -372,7 +400,7 @@ impl<'a> Run<'a> {
             }
         }
         self.progress.created_release = true;
-        self.save(Phase::Export);
+        let _ = self.save(Phase::Export);
         self.announce(Step::Export, StepState::Started, None);
         let started = Instant::now();
         let repo = spec.repo.to_string();
@@ -430,7 +458,7 @@ impl<'a> Run<'a> {
             }
         }
 
-        self.save(Phase::Build);
+        let _ = self.save(Phase::Build);
         if let Err(e) = self
             .hook(
                 Step::Build,
@@ -457,7 +485,7 @@ impl<'a> Run<'a> {
             return End::failed(format!("cannot mark the release complete: {e}"));
         }
 
-        self.save(Phase::PreSwitch);
+        let _ = self.save(Phase::PreSwitch);
         if let Err(e) = self
             .hook(
                 Step::PreSwitch,
@@ -477,7 +505,7 @@ impl<'a> Run<'a> {
             if let Err(e) = self.health(app, root, &release).await {
                 return End::failed(e);
             }
-            self.save(Phase::Complete);
+            let _ = self.save(Phase::Complete);
             return End::ok();
         }
         self.switch_to(&release, app, root).await
@@ -493,7 +521,7 @@ impl<'a> Run<'a> {
         self.progress.current_before = current.clone();
         self.progress.previous_before = previous;
         if current.as_ref() == Some(&target) {
-            self.save(Phase::Complete);
+            let _ = self.save(Phase::Complete);
             return End {
                 error: Some(format!(
                     "release {target} is already current; nothing to do"
@@ -515,7 +543,9 @@ impl<'a> Run<'a> {
 
     /// Switch, restart, health, post-switch; any failure switches back.
     async fn switch_to(&mut self, target: &ReleaseId, app: &AppConfig, root: &AppRoot) -> End {
-        self.save(Phase::Switch);
+        if let Err(e) = self.save(Phase::Switch) {
+            return End::failed(format!("{e}; not switching"));
+        }
         self.ctx.faults.hit("before_switch");
         self.announce(Step::Switch, StepState::Started, None);
         let started = Instant::now();
@@ -544,10 +574,10 @@ impl<'a> Run<'a> {
             started.elapsed(),
             String::new(),
         );
-        self.save(Phase::Switched);
+        let _ = self.save(Phase::Switched);
         self.ctx.faults.hit("after_switch");
 
-        self.save(Phase::Restart);
+        let _ = self.save(Phase::Restart);
         if let Err(e) = self
             .hook(
                 Step::Restart,
@@ -561,11 +591,11 @@ impl<'a> Run<'a> {
         {
             return self.revert(app, root, e).await;
         }
-        self.save(Phase::Health);
+        let _ = self.save(Phase::Health);
         if let Err(e) = self.health(app, root, target).await {
             return self.revert(app, root, e).await;
         }
-        self.save(Phase::PostSwitch);
+        let _ = self.save(Phase::PostSwitch);
         if let Err(e) = self
             .hook(
                 Step::PostSwitch,
@@ -579,7 +609,7 @@ impl<'a> Run<'a> {
         {
             return self.revert(app, root, e).await;
         }
-        self.save(Phase::Complete);
+        let _ = self.save(Phase::Complete);
         self.ctx.faults.hit("before_result");
         self.prune(root, target);
         End::ok()
@@ -604,7 +634,7 @@ impl<'a> Run<'a> {
 
     /// Puts `current` back on the release that was current before, and restarts it.
     async fn revert(&mut self, app: &AppConfig, root: &AppRoot, reason: String) -> End {
-        self.save(Phase::Revert);
+        let _ = self.save(Phase::Revert);
         let Some(before) = self.progress.current_before.clone() else {
             return End::failed(format!(
                 "{reason}; this was the app's first release, so there is nothing to switch back to"
@@ -683,6 +713,20 @@ impl<'a> Run<'a> {
             | Phase::Restart
             | Phase::Health
             | Phase::PostSwitch
+                if !switched =>
+            {
+                // Something else moved current since: leave it alone.
+                let now = root.current().ok().flatten();
+                End::failed(format!(
+                    "{interrupted}, after the switch; current is now {} and was left as it is",
+                    now.map(|r| r.to_string()).unwrap_or_else(|| "unset".into())
+                ))
+            }
+            Phase::Switch
+            | Phase::Switched
+            | Phase::Restart
+            | Phase::Health
+            | Phase::PostSwitch
             | Phase::Revert => {
                 self.revert(app, root, format!("{interrupted}, after the switch"))
                     .await
@@ -721,8 +765,13 @@ impl<'a> Run<'a> {
             self.ctx.from.clone(),
             Body::Inventory(report),
         ));
-        self.save(Phase::Complete);
+        let _ = self.save(Phase::Complete);
         End::ok()
+    }
+
+    /// Ends the command without running it (e.g. its app lock cannot be taken).
+    pub fn fail_now(self, why: String) -> Message {
+        self.result(End::failed(why))
     }
 
     fn result(self, end: End) -> Message {

@@ -62,7 +62,9 @@ pub fn export(
     let expected = Oid::from_str(commit.as_str())?;
     let mut fetched = false;
     let found = match resolve(&repo, git_ref) {
-        Some(oid) if repo.find_commit(oid).is_ok() => oid,
+        // A mirror merely behind (the fetcher has not caught up) gets one fetch before a
+        // ref that resolves elsewhere is called moved.
+        Some(oid) if oid == expected && repo.find_commit(oid).is_ok() => oid,
         _ => {
             fetch(&repo)?;
             fetched = true;
@@ -94,8 +96,15 @@ fn resolve(repo: &Repository, git_ref: &RefName) -> Option<Oid> {
 
 fn fetch(repo: &Repository) -> Result<(), git2::Error> {
     let mut remote = repo.find_remote("origin")?;
+    // Bounded: the app's lock is held meanwhile.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let mut callbacks = git2::RemoteCallbacks::new();
+    callbacks.transfer_progress(|_| std::time::Instant::now() < deadline);
+    callbacks.sideband_progress(|_| std::time::Instant::now() < deadline);
     let mut options = FetchOptions::new();
-    options.prune(git2::FetchPrune::On);
+    options
+        .prune(git2::FetchPrune::On)
+        .remote_callbacks(callbacks);
     remote.fetch(
         &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
         Some(&mut options),

@@ -60,9 +60,12 @@ pub struct Progress {
     pub created_release: bool,
     #[serde(default)]
     pub steps: Vec<StepReport>,
-    /// The process group of the hook running now, if any.
+    /// The process group of the hook running now, if any, and the boot it runs in (a
+    /// group id from an earlier boot means nothing).
     #[serde(default)]
     pub hook_pgid: Option<i32>,
+    #[serde(default)]
+    pub hook_boot: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
 }
@@ -78,6 +81,7 @@ impl Progress {
             created_release: false,
             steps: Vec::new(),
             hook_pgid: None,
+            hook_boot: None,
             error: None,
         }
     }
@@ -125,13 +129,15 @@ impl Journal {
         Ok(Self { dir })
     }
 
-    pub fn lookup(&self, id: Uuid, raw: &[u8]) -> Result<Lookup, LayoutError> {
+    /// Looks a command up by id; `payload` is its signed payload (the envelope around it
+    /// may differ between two sendings of the same command).
+    pub fn lookup(&self, id: Uuid, payload: &[u8]) -> Result<Lookup, LayoutError> {
         let entry = Entry {
             id,
             dir: self.dir.join(id.to_string()),
         };
-        match fs::read(entry.dir.join("command")) {
-            Ok(recorded) if recorded == raw => Ok(Lookup::Known(entry)),
+        match fs::read(entry.dir.join("payload")) {
+            Ok(recorded) if recorded == payload => Ok(Lookup::Known(entry)),
             Ok(_) => Ok(Lookup::Reused),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Lookup::New),
             Err(e) => Err(io_at(&entry.dir)(e)),
@@ -139,11 +145,12 @@ impl Journal {
     }
 
     /// Records a new command durably. Done before the delivery is acked.
-    pub fn record(&self, id: Uuid, raw: &[u8]) -> Result<Entry, LayoutError> {
+    pub fn record(&self, id: Uuid, raw: &[u8], payload: &[u8]) -> Result<Entry, LayoutError> {
         let dir = self.dir.join(id.to_string());
         fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         let entry = Entry { id, dir };
         entry.save_progress(&Progress::new())?;
+        write_atomic(&entry.dir.join("payload"), payload)?;
         write_atomic(&entry.dir.join("command"), raw)?;
         convoy_release::fsync_dir(&self.dir)?;
         Ok(entry)
@@ -221,6 +228,13 @@ impl Entry {
     }
 }
 
+/// This boot's id (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,7 +245,7 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         let id = Uuid::now_v7();
         assert!(matches!(j.lookup(id, b"cmd").unwrap(), Lookup::New));
-        let e = j.record(id, b"cmd").unwrap();
+        let e = j.record(id, b"envelope", b"cmd").unwrap();
         assert!(matches!(j.lookup(id, b"cmd").unwrap(), Lookup::Known(_)));
         assert!(matches!(j.lookup(id, b"other").unwrap(), Lookup::Reused));
         assert_eq!(e.progress().phase, Phase::Accepted);

@@ -74,6 +74,10 @@ async fn a_tag_is_deployed_hooks_run_in_order_and_a_redelivery_changes_nothing()
     h.send(&message).await?;
     let again = next_result(&mut results, cmd.id).await?;
     assert_eq!(again, first, "the recorded result, unchanged");
+    // Re-wrapped in a new envelope (a new `at`, as a restarted conductor sends it).
+    h.order(&cmd).await?;
+    let again = next_result(&mut results, cmd.id).await?;
+    assert_eq!(again, first, "the recorded result, unchanged");
     assert_eq!(h.hook_lines().len(), 4, "no hook ran twice");
     assert_eq!(h.current().as_deref(), Some("releases/r1"));
     Ok(())
@@ -156,6 +160,17 @@ async fn rollback_and_preview_then_switch() -> anyhow::Result<()> {
     assert_eq!(r.outcome, DeployOutcome::Succeeded, "{:?}", r.error);
     assert_eq!(h.current().as_deref(), Some("releases/r3"));
     assert_eq!(r.previous, Some(ReleaseId::new("r1")?));
+
+    // A preview under the id of the release that runs is refused; nothing is touched.
+    let mut action = h.deploy_action("v3", "r3")?;
+    if let Action::Deploy(spec) = &mut action {
+        spec.no_switch = true;
+    }
+    let cmd = h.command(action);
+    h.order(&cmd).await?;
+    let r = next_result(&mut results, cmd.id).await?;
+    assert_eq!(r.outcome, DeployOutcome::Refused, "{r:?}");
+    assert!(h.root.join("current/.convoy-release.json").exists());
 
     // Inventory answers with current and previous.
     let mut inventory = h.tb.tap(&["inventory.*"]).await?;

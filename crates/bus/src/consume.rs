@@ -65,7 +65,7 @@ where
 
 /// A message delivered this many times without an outcome is dead-lettered instead of
 /// crashing its consumer forever.
-pub const POISON_DELIVERIES: i64 = 50;
+pub const POISON_DELIVERIES: i64 = 200;
 
 /// Dead-lettered copies keep at most this many bytes of the original body.
 const DEAD_LETTER_MAX_BYTES: usize = 1024 * 1024;
@@ -177,14 +177,28 @@ impl Consumer {
     /// Declares the exchanges and this consumer's queue (also done on every reconnect).
     pub async fn declare(&self) -> Result<(), BusError> {
         let conn = self.bus.connection().await?;
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(BusError::amqp("opening a channel"))?;
-        topology::declare_exchanges(&channel, self.bus.exchange()).await?;
-        topology::declare_queue(&channel, self.bus.exchange(), &self.spec).await?;
-        let _ = channel.close(200, "declared".into()).await;
-        Ok(())
+        let declare = async {
+            let channel = conn
+                .create_channel()
+                .await
+                .map_err(BusError::amqp("opening a channel"))?;
+            topology::declare_exchanges(&channel, self.bus.exchange()).await?;
+            topology::declare_dead_queue(&channel, self.bus.exchange()).await?;
+            topology::declare_queue(&channel, self.bus.exchange(), &self.spec).await?;
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(())
+        };
+        let timeout = self.bus.config().connect_timeout();
+        match tokio::time::timeout(timeout, declare).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.bus.discard(&conn).await;
+                Err(BusError::ConnectTimeout {
+                    url: self.bus.config().redacted_url(),
+                    timeout,
+                })
+            }
+        }
     }
 
     async fn session<H: Handler>(
@@ -202,6 +216,7 @@ impl Consumer {
                 .await
                 .map_err(BusError::amqp("opening a channel"))?;
             topology::declare_exchanges(&channel, &exchange).await?;
+            topology::declare_dead_queue(&channel, &exchange).await?;
             topology::declare_queue(&channel, &exchange, &self.spec).await?;
             channel
                 .basic_qos(prefetch, BasicQosOptions::default())
@@ -320,7 +335,10 @@ impl Consumer {
                     .await
             }
             Disposition::Retry => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // Back off as the deliveries add up (1 s, 2 s, 4 s … 30 s): a transient fault
+                // (disk full, database busy) is waited out rather than spun on.
+                let count = delivery_count(&delivery).clamp(0, 5) as u32;
+                tokio::time::sleep(Duration::from_secs(2u64.pow(count).min(30))).await;
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,

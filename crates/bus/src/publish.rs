@@ -261,7 +261,9 @@ impl Publisher {
                 })
             }
             Ok(Err(source)) => {
-                self.reset(&conn, true).await;
+                // Often another publish's timeout closed the shared channel: a blocked
+                // broker is alive, keep its connection.
+                self.reset(&conn, !conn.status().blocked()).await;
                 Err(BusError::Amqp {
                     context: format!("awaiting confirm for {}", out.routing_key),
                     source,

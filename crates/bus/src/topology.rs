@@ -47,7 +47,7 @@ impl QueueSpec {
         }
     }
 
-    fn arguments(&self) -> FieldTable {
+    fn arguments(&self, dead_letter_exchange: Option<&str>) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert(
             "x-queue-type".into(),
@@ -55,6 +55,16 @@ impl QueueSpec {
         );
         if self.single_active_consumer {
             args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        if let (None, Some(dlx)) = (self.max_length, dead_letter_exchange) {
+            // Set explicitly (RabbitMQ 4 defaults quorum queues to 20 and drops beyond it):
+            // far above the consumer's own poison check, with the dead-letter exchange as
+            // the net, so nothing is dropped silently.
+            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(1000));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(dlx.into()),
+            );
         }
         if let Some(max) = self.max_length {
             args.insert(
@@ -82,7 +92,7 @@ fn durable_exchange() -> ExchangeDeclareOptions {
     }
 }
 
-/// Declares the main exchange, the dead-letter exchange and the dead-letter queue.
+/// Declares the main exchange and the dead-letter exchange (cheap: what publishers need).
 pub async fn declare_exchanges(channel: &Channel, exchange: &str) -> Result<(), BusError> {
     channel
         .exchange_declare(
@@ -103,8 +113,22 @@ pub async fn declare_exchanges(channel: &Channel, exchange: &str) -> Result<(), 
         )
         .await
         .map_err(BusError::amqp(format!("declaring exchange {dead}")))?;
+    Ok(())
+}
+
+/// Declares the dead-letter queue and binds it to the dead-letter exchange. Consumers do
+/// this (a quorum queue declaration costs a round of consensus, too much for every
+/// short-lived publisher such as the git hook).
+pub async fn declare_dead_queue(channel: &Channel, exchange: &str) -> Result<(), BusError> {
     let spec = QueueSpec::new(queue::dead(exchange), vec![]);
-    declare_queue_on(channel, &dead, &spec, &["".to_owned()]).await
+    declare_queue_on(
+        channel,
+        &dead_exchange(exchange),
+        &spec,
+        &["".to_owned()],
+        None,
+    )
+    .await
 }
 
 /// Declares a consumer's queue and binds its keys on the main exchange.
@@ -113,7 +137,8 @@ pub async fn declare_queue(
     exchange: &str,
     spec: &QueueSpec,
 ) -> Result<(), BusError> {
-    declare_queue_on(channel, exchange, spec, &spec.bindings).await
+    let dlx = dead_exchange(exchange);
+    declare_queue_on(channel, exchange, spec, &spec.bindings, Some(&dlx)).await
 }
 
 async fn declare_queue_on(
@@ -121,13 +146,14 @@ async fn declare_queue_on(
     exchange: &str,
     spec: &QueueSpec,
     bindings: &[String],
+    dead_letter_exchange: Option<&str>,
 ) -> Result<(), BusError> {
     let options = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
     channel
-        .queue_declare(spec.name.as_str().into(), options, spec.arguments())
+        .queue_declare(spec.name.as_str().into(), options, spec.arguments(dead_letter_exchange))
         .await
         .map_err(BusError::amqp(format!(
             "declaring queue {} (if it exists with other arguments, delete it or run `convoy bus setup`)",

@@ -79,3 +79,23 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_example_config_is_valid() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../packaging/etc/convoy/hook.toml"
+        );
+        let args = convoy_daemon::ConfigArgs {
+            config: Some(path.into()),
+            set: vec![],
+        };
+        let config: Config = convoy_daemon::settings::load_from("hook", &args, Vec::new()).unwrap();
+        assert_eq!(config.budget_ms, 2000);
+        assert_eq!(config.serve.listen, "127.0.0.1:8091");
+    }
+}

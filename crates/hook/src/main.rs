@@ -171,7 +171,7 @@ async fn drain(config: Config, watch: bool) -> anyhow::Result<()> {
     let publisher = Publisher::new(bus.clone());
     let per_event = Duration::from_millis(config.bus.confirm_timeout_ms.max(1000) * 2);
     if !watch {
-        let sent = spool.drain(&publisher, per_event).await;
+        let sent = spool.drain(&publisher, per_event, None).await;
         let left = spool.list()?.len();
         bus.close().await;
         return match sent {
@@ -190,7 +190,7 @@ async fn drain(config: Config, watch: bool) -> anyhow::Result<()> {
             _ = tick.tick() => {}
             _ = life.stopping() => break,
         }
-        match spool.drain(&publisher, per_event).await {
+        match spool.drain(&publisher, per_event, None).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(sent = n, "spooled events published"),
             Err(e) => tracing::warn!(error = %e, "spool not drained; will retry"),
@@ -217,6 +217,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         spooled: spooled.clone(),
         from: format!("hook@{}", host.trim()),
     });
+    for (key, secret) in [
+        ("serve.github_secret", &receiver.github_secret),
+        ("serve.gitlab_token", &receiver.gitlab_token),
+        ("serve.gitea_secret", &receiver.gitea_secret),
+    ] {
+        if secret.as_ref().is_some_and(|s| s.len() < 16) {
+            anyhow::bail!(
+                "config key `{key}` is shorter than 16 characters: use a long random secret"
+            );
+        }
+    }
     if receiver.github_secret.is_none()
         && receiver.gitlab_token.is_none()
         && receiver.gitea_secret.is_none()
@@ -239,7 +250,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let publisher = Publisher::new(bus.clone());
             loop {
-                match spool.drain(&publisher, Duration::from_secs(10)).await {
+                match spool.drain(&publisher, Duration::from_secs(10), None).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(sent = n, "webhook events published"),
                     Err(e) => tracing::warn!(error = %e, "webhook events wait in the spool"),

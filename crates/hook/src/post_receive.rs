@@ -78,7 +78,8 @@ pub async fn run(config: &Config, name: &Name, input: &str, git_dir: &Path) -> O
     let mut blocked = match (&spool, &publisher) {
         (Some(spool), Some(p)) if !spool.is_empty() => {
             let left = budget.saturating_sub(started.elapsed());
-            spool.drain(p, left).await.is_err() || !spool.is_empty()
+            let deadline = std::time::Instant::now() + left;
+            spool.drain(p, left, Some(deadline)).await.is_err() || !spool.is_empty()
         }
         _ => false,
     };

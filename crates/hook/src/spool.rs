@@ -10,7 +10,7 @@ use convoy_bus::{Outgoing, PublishError, Publisher, Retry};
 use convoy_message::{Message, routing};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 pub struct Spool {
@@ -71,11 +71,13 @@ impl Spool {
     }
 
     /// Publishes spooled events oldest first; stops at the first one not confirmed within
-    /// `per_event` (order is kept: nothing newer overtakes it). Returns how many were sent.
+    /// `per_event` (order is kept: nothing newer overtakes it), or at `deadline`. Returns how
+    /// many were sent.
     pub async fn drain(
         &self,
         publisher: &Publisher,
         per_event: Duration,
+        deadline: Option<Instant>,
     ) -> Result<usize, PublishError> {
         let mut sent = 0;
         for path in self.list().map_err(|e| {
@@ -100,7 +102,12 @@ impl Spool {
             };
             let mut out = Outgoing::with_key(&message, key)?;
             out.payload = bytes;
-            publisher.publish(&out, Retry::within(per_event)).await?;
+            let budget = match deadline {
+                Some(d) if Instant::now() >= d => break,
+                Some(d) => per_event.min(d.saturating_duration_since(Instant::now())),
+                None => per_event,
+            };
+            publisher.publish(&out, Retry::within(budget)).await?;
             std::fs::remove_file(&path).ok();
             sent += 1;
         }

@@ -4,8 +4,9 @@
 //! `X-Hub-Signature-256` and Gitea's `X-Gitea-Signature`, the shared token for GitLab's
 //! `X-Gitlab-Token`), de-duplicated by delivery id, written to the spool, and answered
 //! `202 Accepted` before anything is published: a slow broker never makes a forge time out.
-//! The event id is derived from the delivery id, so even a delivery accepted twice (a crash
-//! between spooling and recording it) reaches consumers as one event.
+//! The event id is derived from the push itself (repository, ref, before, after), so a
+//! delivery accepted twice, or a captured body replayed under a new delivery id, reaches
+//! consumers as one event.
 
 use crate::spool::Spool;
 use axum::Router;
@@ -217,7 +218,13 @@ async fn webhook(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Byte
         Ok(p) => p,
         Err(why) => return reply(StatusCode::BAD_REQUEST, why),
     };
-    let id = Uuid::new_v5(&Uuid::NAMESPACE_URL, delivery_key.as_bytes());
+    // The id names the push itself (repository, ref, before, after): a redelivery, or a
+    // captured body replayed under a fresh delivery id, is the same event to consumers.
+    let identity = format!(
+        "{forge:?}:{}:{}:{}:{}",
+        push.repo, push.git_ref, push.old, push.new
+    );
+    let id = Uuid::new_v5(&Uuid::NAMESPACE_URL, identity.as_bytes());
     let message = Message::with_id(id, rx.from.clone(), Body::Push(push));
     let bytes = match message.encode() {
         Ok(b) => b,

@@ -58,7 +58,7 @@ async fn forge_webhooks_are_authenticated_deduplicated_and_validated() -> anyhow
     std::fs::write(
         &config,
         format!(
-            "spool_dir = \"{}\"\ndrain_interval_s = 1\n[serve]\nlisten = \"127.0.0.1:{port}\"\ngithub_secret = \"gh-secret\"\ngitlab_token = \"gl-token\"\ngitea_secret = \"gt-secret\"\nbody_limit_bytes = 65536\n",
+            "spool_dir = \"{}\"\ndrain_interval_s = 1\n[serve]\nlisten = \"127.0.0.1:{port}\"\ngithub_secret = \"gh-secret-0123456789\"\ngitlab_token = \"gl-token-0123456789\"\ngitea_secret = \"gt-secret-0123456789\"\nbody_limit_bytes = 65536\n",
             dir.path().join("spool").display()
         ),
     )?;
@@ -93,7 +93,10 @@ async fn forge_webhooks_are_authenticated_deduplicated_and_validated() -> anyhow
     // A valid GitHub delivery: one event.
     let (status, text) = post(
         &url,
-        &github("d-1", format!("sha256={}", sign("gh-secret", &body))),
+        &github(
+            "d-1",
+            format!("sha256={}", sign("gh-secret-0123456789", &body)),
+        ),
         &body,
     );
     assert_eq!(status, 202, "{text}");
@@ -108,7 +111,10 @@ async fn forge_webhooks_are_authenticated_deduplicated_and_validated() -> anyhow
     // The same delivery again: accepted, not published twice.
     let (status, _) = post(
         &url,
-        &github("d-1", format!("sha256={}", sign("gh-secret", &body))),
+        &github(
+            "d-1",
+            format!("sha256={}", sign("gh-secret-0123456789", &body)),
+        ),
         &body,
     );
     assert_eq!(status, 200);
@@ -127,7 +133,10 @@ async fn forge_webhooks_are_authenticated_deduplicated_and_validated() -> anyhow
     let junk = b"{\"ref\": ".to_vec();
     let (status, text) = post(
         &url,
-        &github("d-4", format!("sha256={}", sign("gh-secret", &junk))),
+        &github(
+            "d-4",
+            format!("sha256={}", sign("gh-secret-0123456789", &junk)),
+        ),
         &junk,
     );
     assert_eq!(status, 400);
@@ -138,7 +147,10 @@ async fn forge_webhooks_are_authenticated_deduplicated_and_validated() -> anyhow
         .into_bytes();
     let (status, text) = post(
         &url,
-        &github("d-5", format!("sha256={}", sign("gh-secret", &dotted))),
+        &github(
+            "d-5",
+            format!("sha256={}", sign("gh-secret-0123456789", &dotted)),
+        ),
         &dotted,
     );
     assert_eq!(status, 400);
@@ -150,7 +162,7 @@ async fn forge_webhooks_are_authenticated_deduplicated_and_validated() -> anyhow
             ("X-GitHub-Event", "ping".into()),
             (
                 "X-Hub-Signature-256",
-                format!("sha256={}", sign("gh-secret", b"{}")),
+                format!("sha256={}", sign("gh-secret-0123456789", b"{}")),
             ),
         ],
         b"{}",
@@ -160,7 +172,10 @@ async fn forge_webhooks_are_authenticated_deduplicated_and_validated() -> anyhow
     let big = vec![b' '; 100_000];
     let (status, _) = post(
         &url,
-        &github("d-6", format!("sha256={}", sign("gh-secret", &big))),
+        &github(
+            "d-6",
+            format!("sha256={}", sign("gh-secret-0123456789", &big)),
+        ),
         &big,
     );
     assert_eq!(status, 413);
@@ -175,7 +190,7 @@ async fn forge_webhooks_are_authenticated_deduplicated_and_validated() -> anyhow
         ]
     };
     assert_eq!(post(&url, &gitlab("nope"), &update).0, 401);
-    assert_eq!(post(&url, &gitlab("gl-token"), &update).0, 202);
+    assert_eq!(post(&url, &gitlab("gl-token-0123456789"), &update).0, 202);
     let m = tap.next(Duration::from_secs(10)).await?.message()?;
     let Body::Push(e) = m.body else {
         anyhow::bail!("not a push")
@@ -187,7 +202,7 @@ async fn forge_webhooks_are_authenticated_deduplicated_and_validated() -> anyhow
         ("X-Gitea-Event", "push".to_owned()),
         ("X-GitHub-Event", "push".to_owned()),
         ("X-Gitea-Delivery", "gt-1".to_owned()),
-        ("X-Gitea-Signature", sign("gt-secret", &update)),
+        ("X-Gitea-Signature", sign("gt-secret-0123456789", &update)),
     ];
     assert_eq!(post(&url, &gitea, &update).0, 202);
     tap.next(Duration::from_secs(10)).await?;

@@ -342,6 +342,9 @@ pub struct CommandVerifier {
     pub host: HostName,
     /// How far the signer's clock may be off from ours.
     pub max_skew: chrono::Duration,
+    /// The longest validity window accepted: beyond the journal's memory a command could
+    /// otherwise run twice.
+    pub max_validity: chrono::Duration,
 }
 
 impl CommandVerifier {
@@ -350,10 +353,21 @@ impl CommandVerifier {
             trust,
             host,
             max_skew: chrono::Duration::seconds(120),
+            max_validity: chrono::Duration::days(7),
         }
     }
 
+    /// Everything: [`Self::verify_signed`] and [`Self::check_window`].
     pub fn verify(&self, message: &Message, now: DateTime<Utc>) -> Result<Command, Rejection> {
+        let command = self.verify_signed(message)?;
+        self.check_window(&command, now)?;
+        Ok(command)
+    }
+
+    /// What makes a command this host's to obey, whenever it arrives: a trusted signature,
+    /// envelope id = command id, addressed here. A command re-sent after its window closed
+    /// passes this (so the agent can answer it from its journal) but not the window check.
+    pub fn verify_signed(&self, message: &Message) -> Result<Command, Rejection> {
         let Body::Command(signed) = &message.body else {
             return Err(Rejection::new(
                 RejectionCode::Unexpected,
@@ -380,6 +394,23 @@ impl CommandVerifier {
                 ),
             ));
         }
+        Ok(command)
+    }
+
+    /// The validity window: not expired, not issued in the future (both ± the allowed
+    /// skew), and not longer than `max_validity`.
+    pub fn check_window(&self, command: &Command, now: DateTime<Utc>) -> Result<(), Rejection> {
+        let validity = command.expires_at - command.issued_at;
+        if validity > self.max_validity {
+            return Err(Rejection::new(
+                RejectionCode::InvalidField,
+                format!(
+                    "valid for {} s, longer than the {} s this host accepts",
+                    validity.num_seconds(),
+                    self.max_validity.num_seconds()
+                ),
+            ));
+        }
         if now > command.expires_at + self.max_skew {
             return Err(Rejection::new(
                 RejectionCode::Expired,
@@ -402,7 +433,7 @@ impl CommandVerifier {
                 ),
             ));
         }
-        Ok(command)
+        Ok(())
     }
 }
 
@@ -484,6 +515,18 @@ mod tests {
         let mut msg = key.command_message("x", &command("web1", 60));
         msg.id = Uuid::now_v7();
         assert_eq!(code(v.verify(&msg, now)), RejectionCode::InvalidField);
+    }
+
+    #[test]
+    fn an_overlong_window_is_refused() {
+        let key = KeyPair::generate("k").unwrap();
+        let v = verifier(&key, "web1");
+        let msg = key.command_message("x", &command("web1", 30 * 86_400));
+        assert_eq!(
+            code(v.verify(&msg, Utc::now())),
+            RejectionCode::InvalidField
+        );
+        assert!(v.verify_signed(&msg).is_ok());
     }
 
     #[test]

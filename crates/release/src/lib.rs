@@ -242,6 +242,12 @@ impl AppRoot {
     /// Removes one release directory (a failed or abandoned export).
     pub fn remove_release(&self, id: &ReleaseId) -> Result<(), LayoutError> {
         let dir = self.release_dir(id);
+        if self.current()?.as_ref() == Some(id) || self.previous()?.as_ref() == Some(id) {
+            return Err(LayoutError::Io {
+                path: dir,
+                source: io::Error::other("refusing to remove the current or previous release"),
+            });
+        }
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
