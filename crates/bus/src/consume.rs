@@ -249,6 +249,8 @@ impl Consumer {
                 }
             };
         backoff.reset();
+        let liveness =
+            Duration::from_secs(u64::from(self.bus.config().tuning.heartbeat_s.clamp(1, 30)));
         tracing::info!(queue = %self.spec.name, "consuming");
         loop {
             let next = tokio::select! {
@@ -262,6 +264,15 @@ impl Consumer {
                     return Ok(());
                 }
                 next = consumer.next() => next,
+                // A stream can outlive its connection without ending (seen after a broker
+                // restart): check the channel now and then, and start over if it is dead.
+                _ = tokio::time::sleep(liveness) => {
+                    if channel.status().connected() && conn.status().connected() {
+                        continue;
+                    }
+                    self.bus.discard(&conn).await;
+                    return Err(BusError::ConsumerCancelled(self.spec.name.clone()));
+                }
             };
             match next {
                 None => return Err(BusError::ConsumerCancelled(self.spec.name.clone())),
@@ -425,11 +436,18 @@ impl Consumer {
 }
 
 async fn ack(delivery: &Delivery) -> Result<(), BusError> {
-    delivery
-        .ack(BasicAckOptions::default())
-        .await
-        .map(|_| ())
-        .map_err(BusError::amqp("acknowledging a delivery"))
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        delivery.ack(BasicAckOptions::default()),
+    )
+    .await
+    {
+        Ok(result) => result
+            .map(|_| ())
+            .map_err(BusError::amqp("acknowledging a delivery")),
+        // The delivery comes again on a new channel; the consumer recognises it.
+        Err(_) => Err(BusError::ConsumerCancelled("ack timed out".into())),
+    }
 }
 
 /// The quorum queue's count of earlier deliveries (`x-delivery-count`), 0 if absent.
