@@ -33,6 +33,9 @@ pub struct BusTuning {
     pub prefetch: u16,
     /// The longest pause between two reconnection attempts.
     pub max_backoff_ms: u64,
+    /// The largest AMQP frame (a bigger message travels in several). lapin keeps 32
+    /// frames of buffer each way, so this sets an idle daemon's memory: 16 KiB → 1 MiB.
+    pub frame_max: u32,
     /// A PEM file of CA certificates for `amqps://` brokers with a private CA.
     pub tls_ca_file: Option<PathBuf>,
 }
@@ -45,6 +48,7 @@ impl Default for BusTuning {
             confirm_timeout_ms: 5_000,
             prefetch: 32,
             max_backoff_ms: 5_000,
+            frame_max: 16_384,
             tls_ca_file: None,
         }
     }

@@ -52,6 +52,10 @@ impl Bus {
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(config.tuning.heartbeat_s);
         }
+        if uri.query.frame_max.is_none() {
+            // RabbitMQ refuses frames under 4096 bytes.
+            uri.query.frame_max = Some(config.tuning.frame_max.max(4096));
+        }
         if uri.query.connection_timeout.is_none() {
             uri.query.connection_timeout = Some(config.tuning.connect_timeout_ms);
         }
