@@ -3,7 +3,8 @@
 
 use convoy_message::names::{Name, RefName, Sha};
 use convoy_message::{CommitSummary, PushChange, PushEvent, RefKind};
-use git2::{Oid, Repository};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 /// Why a line of hook input could not become an event.
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +37,16 @@ pub fn parse_line(line: &str) -> Result<RefUpdate, LineError> {
     })
 }
 
-/// Builds the event for one ref update. `repo` (when the hook runs inside the repository)
-/// tells forced from updated and supplies the commits, newest first, at most `max_commits`.
+/// Builds the event for one ref update. `git_dir` (when the hook runs beside the
+/// repository) tells forced from updated and supplies the commits, newest first, at most
+/// `max_commits`.
+///
+/// The git CLI answers these two questions: linking libgit2 into the hook would cost every
+/// push its TLS initialisation (it loads the whole CA bundle, ~50 ms) for nothing.
 pub fn push_event(
     name: &Name,
     update: &RefUpdate,
-    repo: Option<&Repository>,
+    git_dir: Option<&Path>,
     max_commits: usize,
     pusher: Option<String>,
 ) -> PushEvent {
@@ -49,14 +54,14 @@ pub fn push_event(
         PushChange::Created
     } else if update.new.is_zero() {
         PushChange::Deleted
-    } else if repo.is_some_and(|r| !is_ancestor(r, &update.old, &update.new)) {
+    } else if git_dir.is_some_and(|d| !is_ancestor(d, &update.old, &update.new)) {
         PushChange::Forced
     } else {
         PushChange::Updated
     };
-    let (commits, truncated) = match (repo, change) {
-        (Some(r), PushChange::Created | PushChange::Updated | PushChange::Forced) => {
-            commits(r, update, max_commits)
+    let (commits, truncated) = match (git_dir, change) {
+        (Some(d), PushChange::Created | PushChange::Updated | PushChange::Forced) => {
+            commits(d, update, max_commits)
         }
         _ => (Vec::new(), false),
     };
@@ -73,70 +78,70 @@ pub fn push_event(
     }
 }
 
-fn is_ancestor(repo: &Repository, old: &Sha, new: &Sha) -> bool {
-    let (Ok(old), Ok(new)) = (Oid::from_str(old.as_str()), Oid::from_str(new.as_str())) else {
-        return true;
-    };
-    old == new || repo.graph_descendant_of(new, old).unwrap_or(true)
+/// `git` with the hook's repository, no user config, output captured (never the hook's
+/// own stdout or stderr: git waits for those to close).
+fn git(git_dir: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.arg("--git-dir")
+        .arg(git_dir)
+        .args(["-c", "log.showSignature=false"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .stdout(Stdio::piped());
+    cmd
+}
+
+fn is_ancestor(git_dir: &Path, old: &Sha, new: &Sha) -> bool {
+    let status = git(git_dir)
+        .args(["merge-base", "--is-ancestor", old.as_str(), new.as_str()])
+        .status();
+    // 1 means "not an ancestor"; anything else unexpected is not called a force-push.
+    !matches!(status.map(|s| s.code()), Ok(Some(1)))
 }
 
 /// Commits reachable from `new` and not from `old` (for a created ref: not from any other
 /// branch or tag), newest first.
-fn commits(repo: &Repository, update: &RefUpdate, max: usize) -> (Vec<CommitSummary>, bool) {
-    let walk = || -> Result<(Vec<CommitSummary>, bool), git2::Error> {
-        let mut revwalk = repo.revwalk()?;
-        revwalk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::TIME)?;
-        let new = Oid::from_str(update.new.as_str())?;
-        let new = repo.find_object(new, None)?.peel_to_commit()?.id();
-        revwalk.push(new)?;
-        if update.old.is_zero() {
-            for reference in repo.references()?.flatten() {
-                if reference.name().ok() == Some(update.git_ref.as_str()) {
-                    continue;
-                }
-                if let Ok(c) = reference.peel_to_commit() {
-                    let _ = revwalk.hide(c.id());
-                }
+fn commits(git_dir: &Path, update: &RefUpdate, max: usize) -> (Vec<CommitSummary>, bool) {
+    let mut cmd = git(git_dir);
+    cmd.args([
+        "log",
+        "--format=%H%x1f%an%x1f%s",
+        &format!("--max-count={}", max + 1),
+    ])
+    .arg(update.new.as_str())
+    .arg("--not");
+    if update.old.is_zero() {
+        // Not `--all`: it includes HEAD, which usually is the very ref just created.
+        // `--exclude` takes the name without refs/heads/ or refs/tags/ and applies to the
+        // next pattern only.
+        for (prefix, pattern) in [("refs/heads/", "--branches"), ("refs/tags/", "--tags")] {
+            if let Some(name) = update.git_ref.as_str().strip_prefix(prefix) {
+                cmd.arg(format!("--exclude={name}"));
             }
-        } else if let Ok(old) = Oid::from_str(update.old.as_str())
-            && let Ok(old) = repo.find_object(old, None).and_then(|o| o.peel_to_commit())
-        {
-            revwalk.hide(old.id())?;
+            cmd.arg(pattern);
         }
-        let mut out = Vec::new();
-        let mut truncated = false;
-        for oid in revwalk {
-            let oid = oid?;
-            if out.len() == max {
-                truncated = true;
-                break;
-            }
-            let commit = repo.find_commit(oid)?;
-            let Ok(sha) = Sha::new(oid.to_string()) else {
-                continue;
-            };
-            out.push(CommitSummary {
-                sha,
-                author: commit
-                    .author()
-                    .name()
-                    .unwrap_or("")
-                    .chars()
-                    .take(200)
-                    .collect(),
-                summary: commit
-                    .summary()
-                    .ok()
-                    .flatten()
-                    .unwrap_or("")
-                    .chars()
-                    .take(500)
-                    .collect(),
-            });
-        }
-        Ok((out, truncated))
+    } else {
+        cmd.arg(update.old.as_str());
+    }
+    cmd.arg("--");
+    let Ok(out) = cmd.output() else {
+        return (Vec::new(), false);
     };
-    walk().unwrap_or_default()
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut commits: Vec<CommitSummary> = text
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split('\u{1f}');
+            Some(CommitSummary {
+                sha: Sha::new(f.next()?).ok()?,
+                author: f.next().unwrap_or("").chars().take(200).collect(),
+                summary: f.next().unwrap_or("").chars().take(500).collect(),
+            })
+        })
+        .collect();
+    let truncated = commits.len() > max;
+    commits.truncate(max);
+    (commits, truncated)
 }
 
 #[cfg(test)]

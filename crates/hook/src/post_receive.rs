@@ -48,7 +48,7 @@ pub async fn run(config: &Config, name: &Name, input: &str, git_dir: &Path) -> O
     let started = Instant::now();
     let budget = Duration::from_millis(config.budget_ms);
     let mut outcome = Outcome::default();
-    let repo = git2::Repository::open(git_dir).ok();
+    let repo = git_dir.join("objects").is_dir().then_some(git_dir);
     let pusher = ["GL_USERNAME", "GITEA_PUSHER_NAME", "REMOTE_USER", "USER"]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()));
@@ -58,13 +58,7 @@ pub async fn run(config: &Config, name: &Name, input: &str, git_dir: &Path) -> O
     for line in input.lines().filter(|l| !l.trim().is_empty()) {
         match parse_line(line) {
             Ok(update) => {
-                let event = push_event(
-                    name,
-                    &update,
-                    repo.as_ref(),
-                    config.max_commits,
-                    pusher.clone(),
-                );
+                let event = push_event(name, &update, repo, config.max_commits, pusher.clone());
                 messages.push(Message::new(from.clone(), Body::Push(event)));
             }
             Err(e) => outcome.skipped.push(e.to_string()),
