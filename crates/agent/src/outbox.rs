@@ -4,8 +4,7 @@
 //! confirmed at shutdown is published again by the next start.
 
 use crate::journal::Entry;
-use convoy_bus::backoff::Backoff;
-use convoy_bus::{Outgoing, PublishError, Publisher, Retry};
+use convoy_bus::{Outgoing, Publisher, Retry};
 use convoy_message::Message;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -37,7 +36,9 @@ impl Outbox {
                 };
                 let Some(next) = next else { break };
                 let published = match next {
-                    Outbound::Event(out) => publish_event(&publisher, &out, &cancel).await,
+                    Outbound::Event(out) => {
+                        publisher.publish_event(&out, &cancel).await.map(|_| ())
+                    }
                     Outbound::Result(out, entry) => {
                         let retry = Retry::until_cancelled(cancel.clone());
                         let sent = publisher.publish(&out, retry).await;
@@ -71,32 +72,5 @@ impl Outbox {
     /// Queues a recorded result; its entry is marked published once confirmed.
     pub fn result(&self, out: Outgoing, entry: Entry) {
         let _ = self.tx.send(Outbound::Result(out, entry));
-    }
-}
-
-/// Progress events are worth retrying across a broker restart, but one nobody is bound to
-/// receive (no conductor queue yet) is dropped rather than blocking the results behind it.
-async fn publish_event(
-    publisher: &Publisher,
-    out: &Outgoing,
-    cancel: &CancellationToken,
-) -> Result<(), PublishError> {
-    let mut backoff = Backoff::new(publisher.bus().config().max_backoff());
-    loop {
-        match publisher.publish_once(out).await {
-            Ok(()) => return Ok(()),
-            Err(PublishError::Unroutable { routing_key, .. }) => {
-                tracing::debug!(%routing_key, "no consumer bound for this event; dropped");
-                return Ok(());
-            }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "event not confirmed; will publish again");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Err(PublishError::Cancelled),
-                }
-            }
-        }
     }
 }

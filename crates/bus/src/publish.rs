@@ -192,6 +192,36 @@ impl Publisher {
         }
     }
 
+    /// Publishes an event until confirmed or cancelled — unless nobody is bound to receive
+    /// it: then it is dropped at once (`Ok(false)`) rather than retried, so it never holds
+    /// up what comes after it. For events that matter only to a listener that exists
+    /// (progress, fetch reports, build status before any conductor was ever started).
+    pub async fn publish_event(
+        &self,
+        out: &Outgoing,
+        cancel: &CancellationToken,
+    ) -> Result<bool, PublishError> {
+        let mut backoff = Backoff::new(self.bus.config().max_backoff());
+        loop {
+            match self.publish_once(out).await {
+                Ok(()) => return Ok(true),
+                Err(PublishError::Unroutable { routing_key, .. }) => {
+                    tracing::debug!(%routing_key, "no queue bound for this event; dropped");
+                    return Ok(false);
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, routing_key = %out.routing_key, retry_in = ?delay,
+                        "event not confirmed; will publish again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled() => return Err(PublishError::Cancelled),
+                    }
+                }
+            }
+        }
+    }
+
     /// Publishes a message under its natural routing key until confirmed or cancelled.
     pub async fn send(
         &self,

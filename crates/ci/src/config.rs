@@ -99,7 +99,11 @@ impl Default for Notify {
     }
 }
 
-fn secret(inline: &Option<String>, file: &Option<PathBuf>, key: &str) -> anyhow::Result<Option<String>> {
+fn secret(
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+    key: &str,
+) -> anyhow::Result<Option<String>> {
     match (inline, file) {
         (Some(t), _) => Ok(Some(t.clone())),
         (None, Some(f)) => std::fs::read_to_string(f)
@@ -119,7 +123,11 @@ impl Config {
     }
 
     pub fn jenkins_token(&self) -> anyhow::Result<Option<String>> {
-        secret(&self.jenkins.token, &self.jenkins.token_file, "jenkins.token")
+        secret(
+            &self.jenkins.token,
+            &self.jenkins.token_file,
+            "jenkins.token",
+        )
     }
 
     pub fn notify_token(&self) -> anyhow::Result<Option<String>> {
@@ -140,7 +148,11 @@ impl Config {
     }
 
     /// The rules a push of `repo` to `git_ref` matches.
-    pub fn rules_for<'a>(&'a self, repo: &str, git_ref: &str) -> impl Iterator<Item = &'a JobRule> + 'a {
+    pub fn rules_for<'a>(
+        &'a self,
+        repo: &str,
+        git_ref: &str,
+    ) -> impl Iterator<Item = &'a JobRule> + 'a {
         let git_ref = git_ref.to_owned();
         let repo = repo.to_owned();
         self.jobs.iter().filter(move |r| {

@@ -175,24 +175,7 @@ impl Fetcher {
         cancel: &CancellationToken,
     ) -> Result<(), PublishError> {
         let out = Outgoing::message(message)?;
-        let mut backoff = Backoff::new(Duration::from_secs(5));
-        loop {
-            match self.publisher.publish_once(&out).await {
-                Ok(()) => return Ok(()),
-                Err(PublishError::Unroutable { .. }) => {
-                    tracing::debug!("no consumer bound for fetch reports; dropped");
-                    return Ok(());
-                }
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?delay, "fetch report not confirmed; will publish again");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = cancel.cancelled() => return Err(PublishError::Cancelled),
-                    }
-                }
-            }
-        }
+        self.publisher.publish_event(&out, cancel).await.map(|_| ())
     }
 }
 
