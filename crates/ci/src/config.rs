@@ -210,3 +210,26 @@ mod tests {
         assert_eq!(config.rules_for("other", "refs/heads/main").count(), 0);
     }
 }
+
+#[cfg(test)]
+mod example {
+    use super::*;
+
+    #[test]
+    fn the_packaged_example_config_is_valid() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../packaging/etc/convoy/ci.toml"
+        );
+        let args = convoy_daemon::ConfigArgs {
+            config: Some(path.into()),
+            set: vec![],
+        };
+        let mut config: Config =
+            convoy_daemon::settings::load_from("ci", &args, Vec::new()).unwrap();
+        config.jenkins.token_file = None; // not on this machine
+        config.validate().unwrap();
+        assert_eq!(config.rules_for("shop", "refs/tags/v1").count(), 1);
+        assert_eq!(config.rules_for("shop", "refs/heads/wip/a").count(), 0);
+    }
+}
