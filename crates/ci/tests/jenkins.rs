@@ -42,6 +42,11 @@ async fn trigger(
             "Not Found".to_owned(),
         );
     }
+    if headers.get("jenkins-crumb").and_then(|v| v.to_str().ok()) != Some("crumb-123") {
+        // CSRF protection on: the bridge must fetch a crumb and send it back.
+        let text = "No valid crumb was included in the request".to_owned();
+        return (StatusCode::FORBIDDEN, HeaderMap::new(), text);
+    }
     let n = {
         let mut t = f.triggers.lock().unwrap_or_else(|p| p.into_inner());
         *t += 1;
@@ -104,6 +109,14 @@ async fn fake_jenkins() -> anyhow::Result<Arc<Fake>> {
     let app = Router::new()
         .route("/job/{job}/buildWithParameters", post(trigger))
         .route("/queue/item/7/api/json", get(queue_item))
+        .route(
+            "/crumbIssuer/api/json",
+            get(|| async {
+                axum::Json(
+                    serde_json::json!({"crumb": "crumb-123", "crumbRequestField": "Jenkins-Crumb"}),
+                )
+            }),
+        )
         .route("/job/shop-build/42/api/json", get(build))
         .with_state(fake.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -221,7 +234,7 @@ job = "missing"
     assert_eq!(
         *fake.triggers.lock().unwrap_or_else(|p| p.into_inner()),
         3,
-        "two 503s, then accepted"
+        "a crumb fetched, two 503s, then accepted"
     );
     let params = fake.params.lock().unwrap_or_else(|p| p.into_inner())[0].clone();
     assert_eq!(params["GIT_COMMIT"], sha);
