@@ -168,12 +168,7 @@ impl AgentConfig {
 
     /// This host's validated name.
     pub fn host_name(&self) -> anyhow::Result<HostName> {
-        let raw = match &self.host {
-            Some(h) => h.clone(),
-            None => nix::unistd::gethostname()?
-                .into_string()
-                .map_err(|_| anyhow::anyhow!("the system host name is not UTF-8; set `host`"))?,
-        };
+        let raw = convoy_daemon::host_name(self.host.as_deref())?;
         HostName::new(raw).map_err(|e| anyhow::anyhow!("config key `host`: {e}"))
     }
 

@@ -27,39 +27,20 @@ struct Cli {
 fn main() -> ExitCode {
     logging::init("agent");
     let cli = Cli::parse();
-    let config: AgentConfig = match convoy_daemon::load("agent", &cli.config) {
+    let config: AgentConfig = match convoy_daemon::load_valid(
+        "convoy-agent",
+        "agent",
+        &cli.config,
+        AgentConfig::validate,
+    ) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("convoy-agent: {e}");
-            return ExitCode::from(78);
-        }
+        Err(code) => return code,
     };
-    if let Err(e) = config.validate() {
-        eprintln!("convoy-agent: {e}");
-        return ExitCode::from(78);
-    }
     if cli.check_config {
         println!("configuration is valid ({} apps)", config.apps.len());
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("convoy-agent: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli, config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("convoy-agent: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    convoy_daemon::block_on("convoy-agent", run(cli, config))
 }
 
 async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {

@@ -51,29 +51,13 @@ enum Command {
 fn main() -> ExitCode {
     logging::init("ci");
     let cli = Cli::parse();
-    let config: Config = match convoy_daemon::load("ci", &cli.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("convoy-ci: {e}");
-            return ExitCode::from(78);
-        }
-    };
-    if let Err(e) = config.validate() {
-        eprintln!("convoy-ci: {e}");
-        return ExitCode::from(78);
-    }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("convoy-ci: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = match cli.command {
-        None | Some(Command::Run) => runtime.block_on(run(config)),
+    let config: Config =
+        match convoy_daemon::load_valid("convoy-ci", "ci", &cli.config, Config::validate) {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+    match cli.command {
+        None | Some(Command::Run) => convoy_daemon::block_on("convoy-ci", run(config)),
         Some(Command::Notify {
             status,
             job,
@@ -92,14 +76,7 @@ fn main() -> ExitCode {
                 repo,
                 git_ref,
             };
-            runtime.block_on(notify_cli(config, report))
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("convoy-ci: {e:#}");
-            ExitCode::FAILURE
+            convoy_daemon::block_on("convoy-ci", notify_cli(config, report))
         }
     }
 }

@@ -16,3 +16,63 @@ pub mod settings;
 
 pub use lifecycle::Lifecycle;
 pub use settings::{ConfigArgs, ConfigError, load};
+
+use std::future::Future;
+use std::process::ExitCode;
+
+/// The exit status for a configuration that cannot be used (sysexits' EX_CONFIG): systemd
+/// units list it in `RestartPreventExitStatus`, so a bad config is not retried in a loop.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// This host's name: `configured`, or else the system's host name.
+pub fn host_name(configured: Option<&str>) -> anyhow::Result<String> {
+    match configured {
+        Some(h) => Ok(h.to_owned()),
+        None => nix::unistd::gethostname()?
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("the system host name is not UTF-8; set `host`")),
+    }
+}
+
+/// Loads `daemon`'s config and checks it with `validate`; on failure prints
+/// `<program>: <error>` and gives the exit code [`EXIT_CONFIG`].
+pub fn load_valid<T>(
+    program: &str,
+    daemon: &str,
+    args: &ConfigArgs,
+    validate: impl FnOnce(&T) -> anyhow::Result<()>,
+) -> Result<T, ExitCode>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + Default,
+{
+    let fail = |e: String| {
+        eprintln!("{program}: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    let config: T = load(daemon, args).map_err(|e| fail(e.to_string()))?;
+    validate(&config).map_err(|e| fail(format!("{e:#}")))?;
+    Ok(config)
+}
+
+/// Runs a daemon's main future on a single-threaded runtime (an idle daemon needs no more),
+/// printing `<program>: <error>` and failing if it returns an error.
+pub fn block_on(program: &str, main: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{program}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("{program}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -24,38 +24,17 @@ struct Cli {
 fn main() -> ExitCode {
     logging::init("fetcher");
     let cli = Cli::parse();
-    let config: Config = match convoy_daemon::load("fetcher", &cli.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("convoy-fetcher: {e}");
-            return ExitCode::from(78);
-        }
-    };
-    if let Err(e) = config.validate() {
-        eprintln!("convoy-fetcher: {e}");
-        return ExitCode::from(78);
-    }
+    let config: Config =
+        match convoy_daemon::load_valid("convoy-fetcher", "fetcher", &cli.config, Config::validate)
+        {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
     if cli.check_config {
         println!("configuration is valid ({} repos)", config.repos.len());
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("convoy-fetcher: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("convoy-fetcher: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    convoy_daemon::block_on("convoy-fetcher", run(config))
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

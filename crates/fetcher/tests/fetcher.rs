@@ -204,13 +204,18 @@ async fn a_burst_of_pushes_is_served_by_far_fewer_fetches() -> anyhow::Result<()
     let publisher = Publisher::new(Bus::new(tb.config(), "test-hook")?);
     let mut want = HashSet::new();
     let mut last = String::new();
+    // Twenty pushes land on the origin, and their events arrive as a burst (a busy git
+    // server announcing them back to back).
+    let mut events = Vec::new();
     for n in 0..20 {
         last = origin.commit_and_push(n + 10)?;
-        let event = push_event(&last)?;
+        events.push(push_event(&last)?);
+    }
+    for event in &events {
         want.insert(event.id);
         publisher
             .publish(
-                &Outgoing::message(&event)?,
+                &Outgoing::message(event)?,
                 Retry::within(Duration::from_secs(20)),
             )
             .await?;

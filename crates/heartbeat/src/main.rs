@@ -55,12 +55,7 @@ impl Default for Config {
 
 impl Config {
     fn host(&self) -> anyhow::Result<HostName> {
-        let raw = match &self.host {
-            Some(h) => h.clone(),
-            None => nix::unistd::gethostname()?
-                .into_string()
-                .map_err(|_| anyhow::anyhow!("the system host name is not UTF-8; set `host`"))?,
-        };
+        let raw = convoy_daemon::host_name(self.host.as_deref())?;
         HostName::new(raw).map_err(|e| anyhow::anyhow!("config key `host`: {e}"))
     }
 
@@ -174,49 +169,30 @@ struct Cli {
 fn main() -> ExitCode {
     logging::init("heartbeat");
     let cli = Cli::parse();
-    let config: Config = match convoy_daemon::load("heartbeat", &cli.config) {
+    let config: Config = match convoy_daemon::load_valid(
+        "convoy-heartbeat",
+        "heartbeat",
+        &cli.config,
+        Config::validate,
+    ) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("convoy-heartbeat: {e}");
-            return ExitCode::from(78);
-        }
+        Err(code) => return code,
     };
-    if let Err(e) = config.validate() {
-        eprintln!("convoy-heartbeat: {e}");
-        return ExitCode::from(78);
-    }
     if cli.print {
         let host = match config.host() {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("convoy-heartbeat: {e}");
-                return ExitCode::from(78);
+                return ExitCode::from(convoy_daemon::EXIT_CONFIG);
             }
         };
-        let message = beat(&config, &host, Utc::now());
-        match message.encode() {
+        match beat(&config, &host, Utc::now()).encode() {
             Ok(bytes) => println!("{}", String::from_utf8_lossy(&bytes)),
             Err(e) => eprintln!("convoy-heartbeat: {e}"),
         }
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("convoy-heartbeat: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli, config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("convoy-heartbeat: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    convoy_daemon::block_on("convoy-heartbeat", run(cli, config))
 }
 
 async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
