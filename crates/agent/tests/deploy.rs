@@ -224,3 +224,54 @@ async fn a_hanging_hook_is_killed_at_its_timeout_with_its_children() -> anyhow::
     assert!(!alive, "the hook's child {pid} survived");
     Ok(())
 }
+
+#[tokio::test]
+async fn hooks_run_as_the_configured_user() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "switching users needs root: run scripts/test as root"
+    );
+    let mut h = Host::new().await?;
+    // `nobody` must be able to reach the release and append to the hook log.
+    std::fs::set_permissions(h.path(), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(&h.hook_log, "")?;
+    std::fs::set_permissions(&h.hook_log, std::fs::Permissions::from_mode(0o666))?;
+    let config = std::fs::read_to_string(&h.config)?
+        .replace("[apps.web]\n", "[apps.web]\nuser = \"nobody\"\n")
+        .lines()
+        .map(|l| {
+            if l.starts_with("post_switch = ") {
+                format!(
+                    "post_switch = \"id -un >> {} && echo $HOME >> {}\"",
+                    h.hook_log.display(),
+                    h.hook_log.display()
+                )
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&h.config, config)?;
+    h.start_agent(&[])?;
+    let mut results = h.results_tap().await?;
+    h.deploy_ok(&mut results, "v1", "r1").await?;
+    let lines = h.hook_lines();
+    let n = lines.len();
+    anyhow::ensure!(n >= 2, "{lines:?}");
+    assert_eq!(
+        lines[n - 2],
+        "nobody",
+        "the hook ran as the configured user"
+    );
+    let home = nix::unistd::User::from_name("nobody")?
+        .map(|u| u.dir)
+        .unwrap_or_default();
+    assert_eq!(
+        std::path::Path::new(&lines[n - 1]),
+        home,
+        "with that user's HOME"
+    );
+    Ok(())
+}
