@@ -27,6 +27,8 @@ ensure_tools() {
   command -v curl >/dev/null || missing+=(curl ca-certificates)
   command -v pkg-config >/dev/null || missing+=(pkg-config)
   [ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+  # The fetcher's SSH test runs a private sshd.
+  [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     apt_install "${missing[@]}"

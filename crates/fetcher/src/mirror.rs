@@ -150,6 +150,9 @@ fn check_host_key(
     if known(&text, host, key) {
         Ok(CertificateCheckStatus::CertificateOk)
     } else {
+        use base64::Engine;
+        tracing::warn!(host, key = %base64::engine::general_purpose::STANDARD.encode(key),
+            known_hosts = %path.display(), "host key not in known_hosts; refusing");
         refuse(format!(
             "{host}'s host key is not in {}; refusing to fetch",
             path.display()
