@@ -1,6 +1,7 @@
 //! The post-receive hook. It must never fail or stall a push: every wait is inside the
-//! budget, anything unconfirmed is spooled, no child process is started (git ≥ 2.36 waits
-//! for the hook's stdout and stderr to close), and the exit status is always 0.
+//! budget, anything unconfirmed is spooled, no child process holds the hook's stdout or
+//! stderr (git ≥ 2.36 waits for them to close: the short `git` calls in [`crate::event`]
+//! have their output captured and end first), and the exit status is always 0.
 
 use crate::config::Config;
 use crate::event::{parse_line, push_event};
