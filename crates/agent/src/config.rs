@@ -159,11 +159,7 @@ impl Default for HealthCheck {
 
 impl AgentConfig {
     pub fn bus_config(&self) -> BusConfig {
-        BusConfig {
-            amqp_url: self.amqp_url.clone(),
-            exchange: self.exchange.clone(),
-            tuning: self.bus.clone(),
-        }
+        BusConfig::from_settings(&self.amqp_url, &self.exchange, &self.bus)
     }
 
     /// This host's validated name.

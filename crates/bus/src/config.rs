@@ -63,6 +63,15 @@ impl BusConfig {
         }
     }
 
+    /// The bus part of a daemon's config: its `amqp_url`, `exchange` and `[bus]` table.
+    pub fn from_settings(amqp_url: &str, exchange: &str, tuning: &BusTuning) -> Self {
+        Self {
+            amqp_url: amqp_url.to_owned(),
+            exchange: exchange.to_owned(),
+            tuning: tuning.clone(),
+        }
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.tuning.connect_timeout_ms)
     }

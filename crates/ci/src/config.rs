@@ -115,11 +115,7 @@ fn secret(
 
 impl Config {
     pub fn bus_config(&self) -> BusConfig {
-        BusConfig {
-            amqp_url: self.amqp_url.clone(),
-            exchange: self.exchange.clone(),
-            tuning: self.bus.clone(),
-        }
+        BusConfig::from_settings(&self.amqp_url, &self.exchange, &self.bus)
     }
 
     pub fn jenkins_token(&self) -> anyhow::Result<Option<String>> {

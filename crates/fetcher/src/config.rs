@@ -59,11 +59,7 @@ pub struct RepoConfig {
 
 impl Config {
     pub fn bus_config(&self) -> BusConfig {
-        BusConfig {
-            amqp_url: self.amqp_url.clone(),
-            exchange: self.exchange.clone(),
-            tuning: self.bus.clone(),
-        }
+        BusConfig::from_settings(&self.amqp_url, &self.exchange, &self.bus)
     }
 
     pub fn host_name(&self) -> anyhow::Result<HostName> {

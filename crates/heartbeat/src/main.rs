@@ -198,11 +198,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
     let life = Lifecycle::start()?;
     let host = config.host()?;
-    let bus_config = BusConfig {
-        amqp_url: config.amqp_url.clone(),
-        exchange: config.exchange.clone(),
-        tuning: config.bus.clone(),
-    };
+    let bus_config = BusConfig::from_settings(&config.amqp_url, &config.exchange, &config.bus);
     let bus = Bus::new(bus_config, format!("convoy-heartbeat@{host}"))?;
     let publisher = Publisher::new(bus.clone());
     let started = Utc::now();
