@@ -1,0 +1,112 @@
+//! What the conductor consumes: its event queue (builds, pushes, fetch reports, progress,
+//! results, inventories) and its heartbeat queue.
+//!
+//! Results, builds, pushes and fetch reports go through the engine and are acknowledged only
+//! after the engine's transaction committed; progress and heartbeats only feed the live view
+//! and are acknowledged at once.
+
+use crate::engine::{Input, Shared};
+use convoy_bus::{Disposition, Incoming, QueueSpec};
+use convoy_message::routing::queue;
+use convoy_message::{Body, Rejection, RejectionCode};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::sync::{mpsc, oneshot};
+
+/// Heartbeats kept waiting at most (the oldest are dropped: only the newest matter).
+pub const HEARTBEAT_QUEUE_MAX: u32 = 200_000;
+
+/// The conductor's event queue.
+pub fn events_queue(exchange: &str) -> QueueSpec {
+    QueueSpec::new(
+        queue::conductor(exchange),
+        vec![
+            "push.#".into(),
+            "build.#".into(),
+            "fetch.#".into(),
+            "deploy.#".into(),
+            "inventory.#".into(),
+        ],
+    )
+}
+
+/// The conductor's heartbeat queue: bounded, dropping the oldest.
+pub fn heartbeat_queue(exchange: &str) -> QueueSpec {
+    QueueSpec {
+        max_length: Some(HEARTBEAT_QUEUE_MAX),
+        ..QueueSpec::new(queue::heartbeats(exchange), vec!["heartbeat.*".into()])
+    }
+}
+
+/// Handles one delivery of the event queue.
+pub async fn on_event(
+    shared: &Arc<Shared>,
+    engine: &mpsc::Sender<Input>,
+    incoming: Incoming,
+) -> Disposition {
+    let message = incoming.message;
+    let (tx, rx) = oneshot::channel();
+    let input = match message.body {
+        Body::Result(result) => Input::Result {
+            result: Box::new(result),
+            done: tx,
+        },
+        Body::Build(event) => {
+            shared.emit("build", json!(event));
+            Input::Build {
+                id: message.id,
+                event,
+                done: tx,
+            }
+        }
+        Body::Push(event) => Input::Push { event, done: tx },
+        Body::Fetch(report) => {
+            shared.emit(
+                "fetch",
+                json!({ "host": report.host, "repo": report.repo, "status": report.status, "error": report.error }),
+            );
+            Input::Fetch { report, done: tx }
+        }
+        Body::Progress(p) => {
+            shared.emit("progress", json!(p));
+            return Disposition::Ack;
+        }
+        Body::Inventory(i) => {
+            shared.emit("inventory", json!(i));
+            return Disposition::Ack;
+        }
+        other => {
+            return Disposition::DeadLetter(Rejection::new(
+                RejectionCode::UnknownKind,
+                format!(
+                    "the conductor's queue does not take `{}` messages",
+                    other.kind()
+                ),
+            ));
+        }
+    };
+    if engine.send(input).await.is_err() {
+        return Disposition::Retry;
+    }
+    match rx.await {
+        Ok(true) => Disposition::Ack,
+        _ => Disposition::Retry,
+    }
+}
+
+/// Handles one heartbeat.
+pub fn on_heartbeat(shared: &Arc<Shared>, incoming: Incoming) -> Disposition {
+    let Body::Heartbeat(beat) = incoming.message.body else {
+        return Disposition::DeadLetter(Rejection::new(
+            RejectionCode::UnknownKind,
+            "the heartbeat queue takes only `heartbeat` messages",
+        ));
+    };
+    shared.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+    let host = beat.host.clone();
+    if shared.fleet.beat(beat, chrono::Utc::now()) {
+        shared.emit("host", json!({ "host": host, "liveness": "alive" }));
+    }
+    Disposition::Ack
+}

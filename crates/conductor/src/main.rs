@@ -1,0 +1,152 @@
+//! `convoy-conductor`: the coordinator daemon.
+
+use anyhow::Context;
+use clap::Parser;
+use convoy_bus::{Bus, Consumer, Incoming, Publisher};
+use convoy_conductor::api::{self, ApiState};
+use convoy_conductor::config::Config;
+use convoy_conductor::engine::{Engine, Shared};
+use convoy_conductor::intake;
+use convoy_conductor::store::Store;
+use convoy_daemon::{ConfigArgs, Lifecycle, logging};
+use convoy_message::KeyPair;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "convoy-conductor",
+    version,
+    about = "Spreads rollouts over the fleet as agents acknowledge; serves the API and dashboard"
+)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+fn main() -> ExitCode {
+    logging::init("conductor");
+    let cli = Cli::parse();
+    let config: Config = match convoy_daemon::load_valid(
+        "convoy-conductor",
+        "conductor",
+        &cli.config,
+        Config::validate,
+    ) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    // The engine writes to SQLite from its task (block_in_place): a multi-thread runtime.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("convoy-conductor: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("convoy-conductor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let life = Lifecycle::start()?;
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "config key `state_dir`: cannot create {}",
+            config.state_dir.display()
+        )
+    })?;
+    let key = KeyPair::load(&config.signing_key).with_context(|| {
+        format!(
+            "config key `signing_key` ({}); `convoy keygen` writes one",
+            config.signing_key.display()
+        )
+    })?;
+    let store = Store::open(&config.db_path())?;
+    let reader = Store::open(&config.db_path())?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("config key `listen` ({})", config.listen))?;
+    let config = Arc::new(config);
+    let shared = Shared::new(config.clone());
+    let bus = Bus::new(config.bus_config(), "convoy-conductor")?;
+    let publisher = Arc::new(Publisher::new(bus.clone()));
+
+    // Declare our queues before saying ready: agents drop events nobody is bound to.
+    let events = Consumer::new(bus.clone(), intake::events_queue(bus.exchange()));
+    let beats = Consumer::new(bus.clone(), intake::heartbeat_queue(bus.exchange()));
+    loop {
+        match async { events.declare().await.and(beats.declare().await) }.await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot declare the conductor's queues; retrying");
+                tokio::select! {
+                    _ = life.stopping() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let engine = Engine::new(
+        shared.clone(),
+        store,
+        key,
+        publisher,
+        tx.clone(),
+        life.token(),
+    );
+    let engine_task = tokio::spawn(engine.run(rx));
+
+    let api = Arc::new(ApiState::new(shared.clone(), tx.clone(), reader));
+    let token = life.token();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, api::router(api))
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await
+    });
+
+    let (s1, t1) = (shared.clone(), tx.clone());
+    let handler = move |incoming: Incoming| {
+        let (s, t) = (s1.clone(), t1.clone());
+        async move { intake::on_event(&s, &t, incoming).await }
+    };
+    let events_task = {
+        let token = life.token();
+        tokio::spawn(async move { events.run(&handler, token).await })
+    };
+    let s2 = shared.clone();
+    let beat_handler = move |incoming: Incoming| {
+        let s = s2.clone();
+        async move { intake::on_heartbeat(&s, incoming) }
+    };
+    let beats_task = {
+        let token = life.token();
+        tokio::spawn(async move { beats.without_dedup().run(&beat_handler, token).await })
+    };
+    life.ready(&format!("serving on {}", config.listen));
+    tracing::info!(listen = %config.listen, apps = config.apps.len(), "conductor ready");
+    life.stopping().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), events_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), beats_task).await;
+    match tokio::time::timeout(Duration::from_secs(5), engine_task).await {
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "the engine stopped on a store error"),
+        Err(_) => tracing::warn!("the engine did not stop within 5 s"),
+        _ => {}
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    bus.close().await;
+    Ok(())
+}
