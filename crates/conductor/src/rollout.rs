@@ -406,22 +406,17 @@ impl Rollout {
     fn advance(&mut self, now: DateTime<Utc>) -> Vec<Dispatch> {
         loop {
             let batch = self.batch;
-            // Hosts of earlier batches are pending again after a retry.
-            let pending: Vec<usize> = (0..self.hosts.len())
-                .filter(|&i| {
-                    self.hosts[i].batch <= batch && self.hosts[i].state == HostState::Pending
-                })
-                .collect();
-            if !pending.is_empty() {
+            // The earliest batch not yet done goes first: after a retry, failed hosts of
+            // earlier batches finish before later batches go on.
+            let open =
+                (0..=batch).find(|&b| self.hosts.iter().any(|h| h.batch == b && !h.is_done()));
+            if let Some(b) = open {
+                let pending: Vec<usize> = (0..self.hosts.len())
+                    .filter(|&i| {
+                        self.hosts[i].batch == b && self.hosts[i].state == HostState::Pending
+                    })
+                    .collect();
                 return pending.into_iter().map(|i| self.send(i, now)).collect();
-            }
-            let batch_done = self
-                .hosts
-                .iter()
-                .filter(|h| h.batch <= batch)
-                .all(HostSlot::is_done);
-            if !batch_done {
-                return Vec::new();
             }
             if batch + 1 >= self.batches {
                 self.finish(RolloutState::Succeeded, now);
@@ -545,6 +540,9 @@ impl Rollout {
     /// Every command issued and still waiting for its result: sent again after a restart.
     pub fn in_flight(&self) -> Vec<Dispatch> {
         let mut out = Vec::new();
+        if self.state.is_terminal() {
+            return out;
+        }
         for (i, h) in self.hosts.iter().enumerate() {
             if h.state == HostState::Sent
                 && let Some(id) = h.command
