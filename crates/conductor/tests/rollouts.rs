@@ -1,0 +1,358 @@
+//! Rollouts over real agents: batch order, failures and the budget, rollback, deadlines.
+
+mod common;
+
+use common::{Fleet, Setup, text};
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_spreads_over_ten_hosts_batch_by_batch() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new(Setup {
+        hosts: 10,
+        build_sleep: 0.2,
+        ..Setup::default()
+    })
+    .await?;
+    fleet.start_conductor().await?;
+    fleet.start_agents()?;
+    fleet.release("v1")?;
+    fleet.wait_ref("v1").await?;
+
+    // The plan first, without deploying.
+    let plan = fleet
+        .cli(&[
+            "deploy",
+            "web",
+            "v1",
+            "--to",
+            "prod",
+            "--batches",
+            "1,3,6",
+            "--plan",
+        ])
+        .await?;
+    assert!(plan.status.success(), "{}", text(&plan));
+    let plan_text = String::from_utf8_lossy(&plan.stdout);
+    assert!(plan_text.contains("batch 1/3 (1 host(s))"), "{plan_text}");
+    assert!(plan_text.contains("batch 3/3 (6 host(s))"), "{plan_text}");
+    assert!(
+        fleet
+            .get("/api/rollouts")?
+            .as_array()
+            .is_some_and(|a| a.is_empty()),
+        "--plan deployed"
+    );
+
+    // The deploy, followed live by the CLI until it succeeds.
+    let out = fleet
+        .cli(&["deploy", "web", "v1", "--to", "prod", "--batches", "1,3,6"])
+        .await?;
+    assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("batch 2/3"),
+        "live progress shows batches: {stdout}"
+    );
+    assert!(stdout.contains("batch 3/3"), "{stdout}");
+
+    let history = fleet.get("/api/rollouts?app=web")?;
+    let id = history[0]["id"].as_i64().unwrap_or_default();
+    let r = fleet.get(&format!("/api/rollouts/{id}"))?;
+    assert_eq!(r["state"], "succeeded");
+    let release = r["release"].as_str().unwrap_or_default().to_owned();
+    let hosts = r["hosts"].as_array().cloned().unwrap_or_default();
+    let sizes: Vec<usize> = (0..3)
+        .map(|b| hosts.iter().filter(|h| h["batch"] == b).count())
+        .collect();
+    assert_eq!(sizes, vec![1, 3, 6]);
+
+    // Order as the hosts saw it: no build of batch k+1 before every switch of batch k.
+    let batch_of = |name: &str| {
+        hosts
+            .iter()
+            .find(|h| h["host"] == name)
+            .and_then(|h| h["batch"].as_u64())
+            .unwrap_or(99)
+    };
+    for b in 0..2u64 {
+        let done_last = fleet
+            .hosts
+            .iter()
+            .filter(|h| batch_of(&h.name) == b)
+            .filter_map(|h| h.time_of("post_switch", &release))
+            .max()
+            .unwrap_or_default();
+        let next_first = fleet
+            .hosts
+            .iter()
+            .filter(|h| batch_of(&h.name) == b + 1)
+            .filter_map(|h| h.time_of("build", &release))
+            .min()
+            .unwrap_or_default();
+        assert!(
+            done_last > 0 && next_first > done_last,
+            "batch {} started before batch {} finished",
+            b + 2,
+            b + 1
+        );
+    }
+    for h in &fleet.hosts {
+        assert_eq!(
+            h.current().as_deref(),
+            Some(release.as_str()),
+            "{} runs {:?}",
+            h.name,
+            h.current()
+        );
+        assert_eq!(h.builds_of(&release), 1, "{} built more than once", h.name);
+    }
+
+    // History: the CLI's table and the per-host detail.
+    let hist = fleet.cli(&["history", "--app", "web"]).await?;
+    assert!(hist.status.success(), "{}", text(&hist));
+    let hist_text = String::from_utf8_lossy(&hist.stdout);
+    assert!(
+        hist_text.contains("succeeded") && hist_text.contains("10/10"),
+        "{hist_text}"
+    );
+    assert!(
+        hist_text.contains("deployer"),
+        "who started it: {hist_text}"
+    );
+    let detail = fleet.cli(&["history", &id.to_string(), "--json"]).await?;
+    let detail: serde_json::Value = serde_json::from_slice(&detail.stdout)?;
+    let results = detail["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 10, "one result per host");
+    assert!(results.iter().all(
+        |r| r["outcome"] == "succeeded" && r["steps"].as_array().is_some_and(|s| !s.is_empty())
+    ));
+    Ok(())
+}
+
+const FOUR_HOSTS_ROLLBACK: &str = "[apps.web]\n[[apps.web.stages]]\nname = \"prod\"\nhosts = {hosts}\n[apps.web.stages.strategy]\nbatches = [1, 1, 2]\nmax_failures = 0\non_failure = \"rollback\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_health_check_halts_with_no_budget_and_nothing_more_deploys() -> anyhow::Result<()>
+{
+    let mut fleet = Fleet::new(Setup {
+        hosts: 4,
+        ..Setup::default()
+    })
+    .await?;
+    fleet.start_conductor().await?;
+    fleet.start_agents()?;
+    fleet.release("v1")?;
+    fleet.wait_ref("v1").await?;
+    let first = fleet.deploy("v1", "prod", json!({ "batches": [4] }))?;
+    let first = fleet
+        .wait_state(first, &["succeeded"], Duration::from_secs(60))
+        .await?;
+    let v1 = first["release"].as_str().unwrap_or_default().to_owned();
+
+    fleet.release("v2")?;
+    fleet.wait_ref("v2").await?;
+    fleet.hosts[1].set_unhealthy(true);
+    let id = fleet.deploy(
+        "v2",
+        "prod",
+        json!({ "batches": [1, 1, 2], "max_failures": 0 }),
+    )?;
+    let r = fleet
+        .wait_state(id, &["halted"], Duration::from_secs(60))
+        .await?;
+    let v2 = r["release"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&fleet.hosts[1].name),
+        "{}",
+        r["reason"]
+    );
+    assert_eq!(r["hosts"][1]["state"], "failed");
+    assert_eq!(r["hosts"][1]["agent_rolled_back"], true);
+    // Nothing more is deployed: the third and fourth host never heard of v2.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for h in &fleet.hosts[2..] {
+        assert_eq!(
+            h.builds_of(&v2),
+            0,
+            "{} was deployed after the halt",
+            h.name
+        );
+        assert_eq!(h.current().as_deref(), Some(v1.as_str()));
+    }
+    assert_eq!(
+        fleet.hosts[0].current().as_deref(),
+        Some(v2.as_str()),
+        "halt leaves done hosts"
+    );
+    assert_eq!(
+        fleet.hosts[1].current().as_deref(),
+        Some(v1.as_str()),
+        "the agent switched back"
+    );
+    // The CLI says why and how to go on, and exits 1 for a halted rollout.
+    let watch = fleet.cli(&["watch", &id.to_string()]).await?;
+    assert_eq!(watch.status.code(), Some(1), "{}", text(&watch));
+    assert!(
+        String::from_utf8_lossy(&watch.stderr).contains("convoy retry"),
+        "{}",
+        text(&watch)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_rollback_the_hosts_already_done_return_to_their_previous_release()
+-> anyhow::Result<()> {
+    let mut fleet = Fleet::new(Setup {
+        hosts: 4,
+        apps: FOUR_HOSTS_ROLLBACK,
+        ..Setup::default()
+    })
+    .await?;
+    fleet.start_conductor().await?;
+    fleet.start_agents()?;
+    fleet.release("v1")?;
+    fleet.wait_ref("v1").await?;
+    let first = fleet.deploy("v1", "prod", json!({ "batches": [4] }))?;
+    let first = fleet
+        .wait_state(first, &["succeeded"], Duration::from_secs(60))
+        .await?;
+    let v1 = first["release"].as_str().unwrap_or_default().to_owned();
+
+    fleet.release("v2")?;
+    fleet.wait_ref("v2").await?;
+    fleet.hosts[1].set_unhealthy(true);
+    let id = fleet.deploy("v2", "prod", json!({}))?;
+    let r = fleet
+        .wait_state(id, &["rolled_back"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(
+        r["hosts"][0]["undo"]["state"], "succeeded",
+        "{}",
+        r["hosts"][0]
+    );
+    for h in &fleet.hosts {
+        assert_eq!(
+            h.current().as_deref(),
+            Some(v1.as_str()),
+            "{} is not back on v1",
+            h.name
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_host_fails_its_deadline_and_the_rollout_halts_rather_than_skipping_it()
+-> anyhow::Result<()> {
+    let mut fleet = Fleet::new(Setup {
+        hosts: 3,
+        ..Setup::default()
+    })
+    .await?;
+    fleet.start_conductor().await?;
+    fleet.start_agent(0)?;
+    fleet.start_agent(2)?;
+    fleet.release("v1")?;
+    fleet.wait_ref("v1").await?;
+    // Host 1's agent is stopped: it never answers.
+    let id = fleet.deploy("v1", "prod", json!({ "batches": 1, "host_deadline_s": 3 }))?;
+    let r = fleet
+        .wait_state(id, &["halted"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(r["hosts"][0]["state"], "succeeded");
+    assert_eq!(r["hosts"][1]["state"], "timed_out");
+    assert_eq!(
+        r["hosts"][2]["state"], "pending",
+        "the rollout skipped the silent host"
+    );
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("did not answer"),
+        "{}",
+        r["reason"]
+    );
+    assert_eq!(fleet.hosts[2].journal_entries(), 0);
+
+    // The agent comes back; retry sends the same command (still valid) and goes on.
+    fleet.start_agent(1)?;
+    let retry = fleet.cli(&["retry", &id.to_string()]).await?;
+    assert!(retry.status.success(), "{}\n{}", text(&retry), fleet.logs());
+    let r = fleet.get(&format!("/api/rollouts/{id}"))?;
+    assert_eq!(r["state"], "succeeded");
+    assert_eq!(
+        r["hosts"][1]["attempts"], 1,
+        "the silent host got its first command again, not a second one"
+    );
+    let release = r["release"].as_str().unwrap_or_default().to_owned();
+    for h in &fleet.hosts {
+        assert_eq!(
+            h.builds_of(&release),
+            1,
+            "{} built {} times",
+            h.name,
+            h.builds_of(&release)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_checked_tokens_roles_and_names() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new(Setup::default()).await?;
+    fleet.start_conductor().await?;
+    let body = json!({ "app": "web", "stage": "prod", "ref": "v1" });
+    let (status, _) = fleet.post_as("wrong-token-wrong-token", "/api/rollouts", &body)?;
+    assert_eq!(status, 401);
+    let (status, v) = fleet.post_as(common::VIEWER_TOKEN, "/api/rollouts", &body)?;
+    assert_eq!(status, 403, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("read-only"));
+    let (status, v) = fleet.post_as(
+        common::DEPLOYER_TOKEN,
+        "/api/rollouts",
+        &json!({ "app": "nope", "stage": "prod", "ref": "v1" }),
+    )?;
+    assert_eq!(status, 404, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("apps: web"),
+        "{v}"
+    );
+    let (status, v) = fleet.post_as(
+        common::DEPLOYER_TOKEN,
+        "/api/rollouts",
+        &json!({ "app": "web", "stage": "prod", "ref": "never-pushed" }),
+    )?;
+    assert_eq!(status, 422, "{v}");
+    let (status, v) = fleet.post_as(
+        common::DEPLOYER_TOKEN,
+        "/api/rollouts",
+        &json!({ "app": "web", "stage": "prod", "ref": "../../etc", "commit": "x" }),
+    )?;
+    assert!(status == 422, "{status} {v}");
+    let (status, _) = fleet.post_as(
+        common::DEPLOYER_TOKEN,
+        "/api/rollouts",
+        &json!({ "app": "web", "bogus": 1 }),
+    )?;
+    assert_eq!(status, 400);
+    // The CLI's exit codes: refused 3, unreachable 4.
+    let out = fleet.cli(&["deploy", "nope", "v1", "--to", "prod"]).await?;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let bin = convoy_testkit::workspace_bin("convoy", "convoy");
+    let out = std::process::Command::new(bin)
+        .env(
+            "CONVOY_URL",
+            format!("http://127.0.0.1:{}", convoy_testkit::free_port()),
+        )
+        .env("CONVOY_TOKEN", "x")
+        .arg("status")
+        .output()?;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    Ok(())
+}
