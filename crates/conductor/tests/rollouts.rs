@@ -107,7 +107,6 @@ async fn a_tag_spreads_over_ten_hosts_batch_by_batch() -> anyhow::Result<()> {
         );
         assert_eq!(h.builds_of(&release), 1, "{} built more than once", h.name);
     }
-
     // History: the CLI's table and the per-host detail.
     let hist = fleet.cli(&["history", "--app", "web"]).await?;
     assert!(hist.status.success(), "{}", text(&hist));

@@ -61,21 +61,24 @@ pub fn free_port() -> u16 {
 }
 
 /// The path of a binary of another workspace package (`CARGO_BIN_EXE_*` only names the
-/// package's own), built first so a test never runs a stale one. Built once per test process.
+/// package's own). `cargo test --workspace` (what `scripts/test` runs) builds every package's
+/// binaries before any test starts, so they are fresh; when a test is run alone and the binary
+/// is missing, it is built here (`cargo build -p`, which resolves features differently and so
+/// is not done when the binary exists: after changing another crate, run the workspace's tests
+/// or build it first).
 pub fn workspace_bin(package: &str, name: &str) -> std::path::PathBuf {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static BUILT: OnceLock<Mutex<HashMap<String, std::path::PathBuf>>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.get(name) {
-        return path.clone();
-    }
+    use std::sync::Mutex;
+    static BUILDING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     // target/<profile>/deps/<test binary> → target/<profile>/<name>
     let dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().and_then(|d| d.parent()).map(|d| d.to_path_buf()))
         .unwrap_or_else(|| "target/debug".into());
+    let path = dir.join(name);
+    if path.exists() {
+        return path;
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
     cmd.args(["build", "-q", "-p", package, "--bin", name]);
@@ -83,10 +86,7 @@ pub fn workspace_bin(package: &str, name: &str) -> std::path::PathBuf {
         cmd.arg("--release");
     }
     match cmd.status() {
-        Ok(s) if s.success() => {}
+        Ok(s) if s.success() => path,
         other => panic!("building {name} for the test failed: {other:?}"),
     }
-    let path = dir.join(name);
-    built.insert(name.to_owned(), path.clone());
-    path
 }
