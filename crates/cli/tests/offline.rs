@@ -11,7 +11,11 @@ fn keygen_writes_a_key_pair_hosts_can_trust() -> anyhow::Result<()> {
         .args(["keygen", "--id", "conductor-2026", "--out"])
         .arg(dir.path())
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let key = convoy_message::KeyPair::load(&dir.path().join("conductor-2026.key"))?;
     assert_eq!(key.key_id(), "conductor-2026");
     let trust = convoy_message::TrustSet::load_dir(dir.path())?;
@@ -21,19 +25,29 @@ fn keygen_writes_a_key_pair_hosts_can_trust() -> anyhow::Result<()> {
         .args(["keygen", "--id", "conductor-2026", "--out"])
         .arg(dir.path())
         .output()?;
-    assert_eq!(again.status.code(), Some(2), "{}", String::from_utf8_lossy(&again.stdout));
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
     Ok(())
 }
 
 #[test]
 fn token_prints_a_token_and_its_hash_for_the_config() -> anyhow::Result<()> {
-    let out = Command::new(CONVOY).args(["token", "--name", "ci", "--json"]).output()?;
+    let out = Command::new(CONVOY)
+        .args(["token", "--name", "ci", "--json"])
+        .output()?;
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let token = v["token"].as_str().unwrap_or_default();
     assert!(token.len() >= 32, "{v}");
     use sha2::Digest;
-    assert_eq!(v["sha256"], hex::encode(sha2::Sha256::digest(token.as_bytes())));
+    assert_eq!(
+        v["sha256"],
+        hex::encode(sha2::Sha256::digest(token.as_bytes()))
+    );
     Ok(())
 }
 

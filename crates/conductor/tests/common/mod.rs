@@ -216,7 +216,12 @@ impl Fleet {
 [[tokens]]\nname = \"viewer\"\ntoken = \"{VIEWER_TOKEN}\"\nrole = \"viewer\"\n\n{apps}\n",
             state = d.join("conductor").display(),
             key = private.display(),
-            apps = setup.apps.replace("{hosts}", &host_list),
+            apps = hosts.iter().enumerate().fold(
+                setup.apps.replace("{hosts}", &host_list),
+                |apps, (i, h)| {
+                    apps.replace(&format!("{{host{i}}}"), &format!("\"{}\"", h.name))
+                }
+            ),
         );
         std::fs::write(&conductor_config, toml)?;
         tb.track(convoy_message::routing::queue::conductor(&tb.exchange));
