@@ -35,7 +35,7 @@ pub fn events_queue(exchange: &str) -> QueueSpec {
 pub fn heartbeat_queue(exchange: &str) -> QueueSpec {
     QueueSpec {
         max_length: Some(HEARTBEAT_QUEUE_MAX),
-        ..QueueSpec::new(queue::heartbeats(exchange), vec!["heartbeat.*".into()])
+        ..QueueSpec::new(queue::heartbeats(exchange), vec!["heartbeat.#".into()])
     }
 }
 
