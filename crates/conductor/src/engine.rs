@@ -264,6 +264,7 @@ impl Engine {
         for id in ids {
             self.tick(id);
         }
+        self.recover_handoffs();
         loop {
             let wake = self
                 .rollouts
@@ -285,6 +286,41 @@ impl Engine {
                         self.tick(id);
                     }
                 }
+            }
+        }
+    }
+
+    /// Finishes what a crash may have cut between two transactions: a queued rollout whose
+    /// stage is free, a pipeline whose stage's rollout already ended.
+    fn recover_handoffs(&mut self) {
+        let queued: Vec<(Name, String)> = self
+            .rollouts
+            .values()
+            .filter(|r| r.state == RolloutState::Queued)
+            .map(|r| (r.app.clone(), r.stage.clone()))
+            .collect();
+        for (app, stage) in queued {
+            self.start_queued(&app, &stage);
+        }
+        let deploying: Vec<(i64, i64)> = self
+            .pipelines
+            .values()
+            .filter(|p| p.state == PipelineState::Deploying)
+            .filter_map(|p| p.rollouts.last().map(|r| (p.id, *r)))
+            .collect();
+        for (pid, rid) in deploying {
+            if self.rollouts.contains_key(&rid) {
+                continue;
+            }
+            if let Ok(Some(r)) = self.store.rollout(rid)
+                && r.state.is_terminal()
+            {
+                tracing::info!(
+                    pipeline = pid,
+                    rollout = rid,
+                    "moving on a pipeline whose rollout ended before the restart"
+                );
+                self.pipeline_stage_ended(pid, &r);
             }
         }
     }

@@ -355,3 +355,76 @@ async fn requests_are_checked_tokens_roles_and_names() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_rolls_back_to_its_previous_release_and_tail_shows_it_live() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new(Setup {
+        hosts: 3,
+        ..Setup::default()
+    })
+    .await?;
+    fleet.start_conductor().await?;
+    fleet.start_agents()?;
+    fleet.release("v1")?;
+    fleet.wait_ref("v1").await?;
+    let first = fleet.deploy("v1", "prod", json!({ "batches": [3] }))?;
+    let first = fleet
+        .wait_state(first, &["succeeded"], Duration::from_secs(60))
+        .await?;
+    let v1 = first["release"].as_str().unwrap_or_default().to_owned();
+    fleet.release("v2")?;
+    fleet.wait_ref("v2").await?;
+    let second = fleet.deploy("v2", "prod", json!({ "batches": [3] }))?;
+    fleet
+        .wait_state(second, &["succeeded"], Duration::from_secs(60))
+        .await?;
+
+    // `convoy tail` follows the live stream while the stage rolls back.
+    let bin = convoy_testkit::workspace_bin("convoy", "convoy");
+    let tail_out = fleet.path().join("tail.out");
+    let mut tail = std::process::Command::new(bin)
+        .env("CONVOY_URL", fleet.url())
+        .env("CONVOY_TOKEN", common::DEPLOYER_TOKEN)
+        .args(["tail", "--json"])
+        .stdout(std::fs::File::create(&tail_out)?)
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = fleet.cli(&["rollback", "web", "--stage", "prod"]).await?;
+    assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
+    for h in &fleet.hosts {
+        assert_eq!(
+            h.current().as_deref(),
+            Some(v1.as_str()),
+            "{} is not back on v1",
+            h.name
+        );
+        assert_eq!(
+            h.builds_of(&v1),
+            1,
+            "a rollback switches, it does not rebuild"
+        );
+    }
+    let status = fleet.get("/api/apps")?;
+    assert_eq!(status[0]["stages"][0]["release"], v1.as_str());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = tail.kill();
+    let _ = tail.wait();
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&tail_out)?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        events.iter().any(|e| e["kind"] == "rollout"
+            && e["data"]["kind"] == "rollback"
+            && e["data"]["state"] == "succeeded"),
+        "tail did not show the rollback succeeding: {events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "progress" && e["data"]["step"] == "switch"),
+        "no live step events"
+    );
+    assert!(events.iter().filter(|e| e["kind"] == "result").count() >= 3);
+    Ok(())
+}
