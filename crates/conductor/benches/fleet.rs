@@ -8,7 +8,6 @@
 //!   conductor for 30 s; its CPU and memory.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use chrono::{DateTime, Utc};
