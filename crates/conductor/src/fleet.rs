@@ -154,3 +154,62 @@ impl Fleet {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn beat(host: &str, labels: &[(&str, &str)]) -> Heartbeat {
+        Heartbeat {
+            host: HostName::new(host).unwrap(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            versions: BTreeMap::new(),
+            apps: BTreeMap::new(),
+            load: [0.0; 3],
+            disk_free_bytes: 0,
+            interval_s: 10,
+            started_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn liveness_follows_missed_intervals_and_labels_select_hosts() {
+        let fleet = Fleet::new(3, 30);
+        let t = Utc::now();
+        assert!(fleet.beat(beat("web-1", &[("role", "web"), ("stage", "prod")]), t));
+        assert!(
+            !fleet.beat(beat("web-1", &[("role", "web"), ("stage", "prod")]), t),
+            "already alive"
+        );
+        fleet.beat(
+            beat("web-2", &[("role", "web"), ("stage", "canary")]),
+            t - Duration::seconds(45),
+        );
+        fleet.beat(
+            beat("db-1", &[("role", "db"), ("stage", "prod")]),
+            t - Duration::seconds(400),
+        );
+        let prod: BTreeMap<String, String> = [("stage".to_owned(), "prod".to_owned())].into();
+        let web: BTreeMap<String, String> = [("role".to_owned(), "web".to_owned())].into();
+        let names = |v: Vec<(HostName, Liveness)>| {
+            v.into_iter()
+                .map(|(h, l)| format!("{h}:{}", l.as_str()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(fleet.matching(&prod, t)),
+            vec!["db-1:gone", "web-1:alive"]
+        );
+        assert_eq!(
+            names(fleet.matching(&web, t)),
+            vec!["web-1:alive", "web-2:stale"]
+        );
+        assert_eq!(fleet.counts(t), [1, 1, 1]);
+        // A host that comes back is announced again.
+        assert!(fleet.beat(beat("db-1", &[("role", "db")]), t));
+    }
+}
