@@ -234,10 +234,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             plan,
             detach,
         } => {
-            let body = json!({
-                "app": app, "stage": stage, "ref": git_ref, "commit": commit,
-                "strategy": strategy.to_json(), "plan": plan,
-            });
+            let body = deploy_body(&app, &git_ref, &stage, commit, &strategy, plan);
             let v = client.post("/api/rollouts", &body)?;
             if plan {
                 return print(json_out, &v, output::plan);
@@ -260,10 +257,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             commit,
             strategy,
         } => {
-            let body = json!({
-                "app": app, "stage": stage, "ref": git_ref, "commit": commit,
-                "strategy": strategy.to_json(), "plan": true,
-            });
+            let body = deploy_body(&app, &git_ref, &stage, commit, &strategy, true);
             let v = client.post("/api/rollouts", &body)?;
             print(json_out, &v, output::plan)
         }
@@ -385,6 +379,21 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The body of `POST /api/rollouts`, shared by `deploy` and `plan`.
+fn deploy_body(
+    app: &str,
+    git_ref: &str,
+    stage: &str,
+    commit: Option<String>,
+    strategy: &StrategyFlags,
+    plan: bool,
+) -> Value {
+    json!({
+        "app": app, "stage": stage, "ref": git_ref, "commit": commit,
+        "strategy": strategy.to_json(), "plan": plan,
+    })
 }
 
 fn print(json_out: bool, v: &Value, table: impl Fn(&Value)) -> Result<ExitCode, Failure> {
