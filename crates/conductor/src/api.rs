@@ -86,7 +86,8 @@ impl ApiState {
         }
     }
 
-    fn read<T>(
+    /// Runs a read on the API's own connection (reads never wait for the engine).
+    pub fn read<T>(
         &self,
         f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError>,
     ) -> Result<T, ApiError> {

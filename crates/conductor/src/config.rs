@@ -27,7 +27,29 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     /// Web users (the dashboard's login).
     pub users: Vec<UserConfig>,
+    /// The dashboard's sessions.
+    pub web: WebConfig,
     pub bus: BusTuning,
+}
+
+/// `[web]`: how the dashboard's login sessions behave.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// Hours a login lasts without being used.
+    pub session_idle_h: u64,
+    /// Mark the session cookie `Secure` (set when the dashboard is served over HTTPS, e.g.
+    /// behind a TLS-terminating proxy).
+    pub secure_cookies: bool,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            session_idle_h: 12,
+            secure_cookies: false,
+        }
+    }
 }
 
 impl Default for Config {
@@ -43,6 +65,7 @@ impl Default for Config {
             apps: BTreeMap::new(),
             tokens: Vec::new(),
             users: Vec::new(),
+            web: WebConfig::default(),
             bus: BusTuning::default(),
         }
     }
@@ -317,9 +340,22 @@ impl Config {
             }
         }
         for (i, u) in self.users.iter().enumerate() {
-            if !u.password_hash.starts_with("$argon2") {
-                bail!("users[{i}].password_hash: must be an argon2 PHC string ($argon2id$…)");
+            if argon2::PasswordHash::new(&u.password_hash).is_err()
+                || !u.password_hash.starts_with("$argon2")
+            {
+                bail!(
+                    "users[{i}].password_hash: must be an argon2 PHC string ($argon2id$…); `convoy passwd` prints one"
+                );
             }
+            if u.name.is_empty() || u.name.len() > 64 || u.name.chars().any(char::is_control) {
+                bail!("users[{i}].name: 1 to 64 printable characters");
+            }
+            if self.users[..i].iter().any(|o| o.name == u.name) {
+                bail!("users[{i}].name: {:?} is listed twice", u.name);
+            }
+        }
+        if !(1..=720).contains(&self.web.session_idle_h) {
+            bail!("web.session_idle_h must be between 1 and 720");
         }
         Ok(())
     }

@@ -19,8 +19,8 @@ use chrono::{DateTime, Utc};
 use convoy_bus::{Consumer, Outgoing, Publisher, QueueSpec, Retry};
 use convoy_message::names::{HostName, Name, RefName, ReleaseId, Sha};
 use convoy_message::{
-    Action, BuildEvent, BuildStatus, Command, DeployResult, DeploySpec, FetchReport, FetchStatus,
-    KeyPair, Message, PushEvent, routing,
+    Action, BuildEvent, BuildStatus, Command, DeployProgress, DeployResult, DeploySpec,
+    FetchReport, FetchStatus, KeyPair, Message, PushEvent, routing,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -51,6 +51,8 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
 }
 
+const MAX_TRACKED_STEPS: usize = 20_000;
+
 /// What the engine, the HTTP API and the consumers share.
 pub struct Shared {
     pub config: Arc<Config>,
@@ -59,6 +61,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Active rollouts' summaries, for fast reads by the API.
     pub active: Mutex<BTreeMap<i64, Value>>,
+    /// The step each command in flight reported last (memory only: what a host is doing
+    /// now, for the dashboard). Dropped when the command's result arrives.
+    pub steps: Mutex<std::collections::HashMap<Uuid, DeployProgress>>,
 }
 
 impl Shared {
@@ -70,7 +75,36 @@ impl Shared {
             events,
             metrics: Metrics::default(),
             active: Mutex::new(BTreeMap::new()),
+            steps: Mutex::new(std::collections::HashMap::new()),
         })
+    }
+
+    /// Remembers what a command in flight is doing now.
+    pub fn note_progress(&self, progress: &DeployProgress) {
+        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        if steps.len() >= MAX_TRACKED_STEPS {
+            // Results that never came (hosts that died mid-step): forget the oldest half.
+            let mut ids: Vec<_> = steps
+                .iter()
+                .map(|(id, p)| (*id, p.release.clone()))
+                .collect();
+            ids.sort_by(|a, b| a.1.cmp(&b.1));
+            for (id, _) in ids.into_iter().take(MAX_TRACKED_STEPS / 2) {
+                steps.remove(&id);
+            }
+        }
+        steps.insert(progress.command_id, progress.clone());
+    }
+
+    /// The last step command `id` reported, while it is in flight.
+    pub fn step_of(&self, id: Uuid) -> Option<DeployProgress> {
+        let steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        steps.get(&id).cloned()
+    }
+
+    pub fn forget_progress(&self, id: Uuid) {
+        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        steps.remove(&id);
     }
 
     pub fn emit(&self, kind: &'static str, data: Value) {
@@ -153,6 +187,20 @@ pub struct DeployRequest {
     /// Only compute and return the plan.
     #[serde(default)]
     pub plan: bool,
+    /// Carry the commit on through the later stages and their gates, as a pipeline that
+    /// starts at this stage (what a CI success does from the first stage).
+    #[serde(default)]
+    pub pipeline: bool,
+}
+
+/// Where and how a pipeline starts: at stage `first` (0 for CI successes), with the
+/// release id, strategy and person a deploy request gave.
+#[derive(Default)]
+struct PipelineStart {
+    first: usize,
+    release: Option<ReleaseId>,
+    strategy: Option<Strategy>,
+    by: Option<String>,
 }
 
 /// An operator's request, with who asked.
@@ -301,6 +349,19 @@ impl Engine {
             .collect();
         for (app, stage) in queued {
             self.start_queued(&app, &stage);
+        }
+        let unstarted: Vec<(i64, usize)> = self
+            .pipelines
+            .values()
+            .filter(|p| p.state == PipelineState::Deploying && p.rollouts.is_empty())
+            .map(|p| (p.id, p.stage))
+            .collect();
+        for (pid, stage) in unstarted {
+            tracing::info!(
+                pipeline = pid,
+                "starting the first rollout of a pipeline cut off before it"
+            );
+            self.start_stage(pid, stage, None, None);
         }
         let deploying: Vec<(i64, i64)> = self
             .pipelines
@@ -708,42 +769,6 @@ impl Engine {
         })
     }
 
-    /// The hosts of a stage: named ones first, then those whose heartbeat labels match
-    /// (hosts gone silent are left out and said so).
-    fn stage_hosts(
-        &self,
-        stage: &StageConfig,
-    ) -> Result<(Vec<HostName>, Vec<String>), RequestError> {
-        let mut hosts = Vec::new();
-        let mut notes = Vec::new();
-        for h in &stage.hosts {
-            let host =
-                HostName::new(h.as_str()).map_err(|e| RequestError::Internal(e.to_string()))?;
-            if !hosts.contains(&host) {
-                hosts.push(host);
-            }
-        }
-        if !stage.labels.is_empty() {
-            for (host, liveness) in self.shared.fleet.matching(&stage.labels, now()) {
-                if liveness == Liveness::Gone {
-                    notes.push(format!("{host} left out: its heartbeats stopped (gone)"));
-                } else if !hosts.contains(&host) {
-                    if liveness == Liveness::Stale {
-                        notes.push(format!("{host} is stale: it may miss its deadline"));
-                    }
-                    hosts.push(host);
-                }
-            }
-        }
-        if hosts.is_empty() {
-            return Err(RequestError::Invalid(format!(
-                "stage {} has no hosts: none named, and no live heartbeat matches labels {:?}",
-                stage.name, stage.labels
-            )));
-        }
-        Ok((hosts, notes))
-    }
-
     /// Which commit `git_ref` names: from the central repo's push events, else from what
     /// the target hosts' fetchers reported (they must agree).
     fn resolve(
@@ -808,7 +833,7 @@ impl Engine {
         let app = self.app(&req.app)?.clone();
         let (_, stage) = self.stage(&req.app, &app, &req.stage)?;
         let strategy = req.strategy.apply(stage.strategy.clone())?;
-        let (hosts, notes) = self.stage_hosts(stage)?;
+        let (hosts, notes) = stage_hosts(&self.shared.fleet, stage)?;
         let repo = app.repo(&req.app);
         let (git_ref, commit) = self.resolve(&repo, &req.git_ref, req.commit.as_deref(), &hosts)?;
         let release = release_id(now(), &commit);
@@ -834,7 +859,36 @@ impl Engine {
                 self.active_on(&spec.app, &spec.stage),
             ));
         }
-        let id = self.create_rollout(spec, hosts, &app, user, |_, _| Ok(()))?;
+        let id = if req.pipeline {
+            let (first, _) = self.stage(&req.app, &app, &req.stage)?;
+            let (git_ref, commit) = match (&spec.git_ref, &spec.commit) {
+                (Some(g), Some(c)) => (g.clone(), c.clone()),
+                _ => return Err(RequestError::Internal("a deploy without a commit".into())),
+            };
+            let start = PipelineStart {
+                first,
+                release: Some(spec.release.clone()),
+                strategy: Some(spec.strategy.clone()),
+                by: Some(user.to_owned()),
+            };
+            let trigger = format!("deploy by {user}");
+            let pid = self.start_pipeline(&req.app, &git_ref, &commit, &trigger, start)?;
+            self.pipelines
+                .get(&pid)
+                .and_then(|p| p.rollouts.last().copied())
+                .ok_or_else(|| {
+                    let reason = self
+                        .store
+                        .pipeline(pid)
+                        .ok()
+                        .flatten()
+                        .and_then(|p| p.reason)
+                        .unwrap_or_else(|| "the pipeline ended at once".into());
+                    RequestError::Conflict(format!("pipeline {pid}: {reason}"))
+                })?
+        } else {
+            self.create_rollout(spec, hosts, &app, user, |_, _| Ok(()))?
+        };
         let r = self.rollouts.get(&id).cloned().or(self.store.rollout(id)?);
         let mut out = r.as_ref().map(rollout_json).unwrap_or(json!({ "id": id }));
         out["notes"] = json!(notes);
@@ -925,7 +979,7 @@ impl Engine {
                 "{app_name} has no earlier successful release on {stage_name} to roll back to"
             )));
         };
-        let (hosts, _) = self.stage_hosts(stage)?;
+        let (hosts, _) = stage_hosts(&self.shared.fleet, stage)?;
         let invalid = |e: convoy_message::names::NameError| RequestError::Internal(e.to_string());
         let spec = RolloutSpec {
             app: Name::new(app_name).map_err(invalid)?,
@@ -1006,7 +1060,8 @@ impl Engine {
             None => format!("build {}", event.job),
         };
         for (name, _) in apps {
-            if let Err(e) = self.start_pipeline(&name, &git_ref, &event.commit, &trigger) {
+            let start = PipelineStart::default();
+            if let Err(e) = self.start_pipeline(&name, &git_ref, &event.commit, &trigger, start) {
                 tracing::warn!(app = %name, error = %e, "pipeline not started");
             }
         }
@@ -1019,6 +1074,7 @@ impl Engine {
         git_ref: &RefName,
         commit: &Sha,
         trigger: &str,
+        start: PipelineStart,
     ) -> Result<i64, RequestError> {
         let t = now();
         let mut p = Pipeline {
@@ -1026,8 +1082,11 @@ impl Engine {
             app: Name::new(app_name).map_err(|e| RequestError::Internal(e.to_string()))?,
             git_ref: Some(git_ref.clone()),
             commit: commit.clone(),
-            release: release_id(t, commit),
-            stage: 0,
+            release: start
+                .release
+                .clone()
+                .unwrap_or_else(|| release_id(t, commit)),
+            stage: start.first,
             state: PipelineState::Deploying,
             trigger: trigger.to_owned(),
             rollouts: Vec::new(),
@@ -1050,34 +1109,41 @@ impl Engine {
         let id = p.id;
         tracing::info!(pipeline = id, app = app_name, git_ref = %git_ref, "pipeline started by {trigger}");
         self.pipelines.insert(id, p);
-        self.start_stage(id, 0);
+        self.start_stage(id, start.first, start.strategy, start.by.as_deref());
         Ok(id)
     }
 
-    /// Starts the rollout of pipeline `pid` to stage `idx`.
-    fn start_stage(&mut self, pid: i64, idx: usize) {
-        let Some(p) = self.pipelines.get(&pid).cloned() else {
-            return;
-        };
+    /// Starts the rollout of pipeline `pid` to stage `idx` (with the stage's strategy unless
+    /// one is given; started by the pipeline unless `by` names a person); returns its id.
+    /// On failure the pipeline ends, with the reason.
+    fn start_stage(
+        &mut self,
+        pid: i64,
+        idx: usize,
+        strategy: Option<Strategy>,
+        by: Option<&str>,
+    ) -> Option<i64> {
+        let p = self.pipelines.get(&pid).cloned()?;
         let Some(app) = self.config().apps.get(p.app.as_str()).cloned() else {
             self.end_pipeline(
                 pid,
                 PipelineState::Failed,
                 "the app is no longer configured".into(),
             );
-            return;
+            return None;
         };
         let Some(stage) = app.stages.get(idx).cloned() else {
             self.end_pipeline(pid, PipelineState::Succeeded, String::new());
-            return;
+            return None;
         };
-        let hosts = match self.stage_hosts(&stage) {
+        let hosts = match stage_hosts(&self.shared.fleet, &stage) {
             Ok((h, _)) => h,
             Err(e) => {
                 self.end_pipeline(pid, PipelineState::Failed, e.to_string());
-                return;
+                return None;
             }
         };
+        let by = by.map_or_else(|| format!("pipeline {pid}"), str::to_owned);
         let spec = RolloutSpec {
             app: p.app.clone(),
             stage: stage.name.clone(),
@@ -1085,32 +1151,35 @@ impl Engine {
                 Ok(r) => r,
                 Err(e) => {
                     self.end_pipeline(pid, PipelineState::Failed, e.to_string());
-                    return;
+                    return None;
                 }
             },
             kind: RolloutKind::Deploy,
             git_ref: p.git_ref.clone(),
             commit: Some(p.commit.clone()),
             release: p.release.clone(),
-            strategy: stage.strategy.clone(),
-            started_by: format!("pipeline {pid}"),
+            strategy: strategy.unwrap_or_else(|| stage.strategy.clone()),
+            started_by: by.clone(),
             pipeline: Some(pid),
         };
         let mut updated = p.clone();
         updated.stage = idx;
         updated.state = PipelineState::Deploying;
         updated.updated_at = now();
-        let result =
-            self.create_rollout(spec, hosts, &app, &format!("pipeline {pid}"), |tx, rid| {
-                updated.rollouts.push(rid);
-                tx.save_pipeline(&updated)
-            });
+        let result = self.create_rollout(spec, hosts, &app, &by, |tx, rid| {
+            updated.rollouts.push(rid);
+            tx.save_pipeline(&updated)
+        });
         match result {
-            Ok(_) => {
+            Ok(rid) => {
                 self.pipelines.insert(pid, updated.clone());
                 self.shared.emit("pipeline", json!(updated));
+                Some(rid)
             }
-            Err(e) => self.end_pipeline(pid, PipelineState::Failed, e.to_string()),
+            Err(e) => {
+                self.end_pipeline(pid, PipelineState::Failed, e.to_string());
+                None
+            }
         }
     }
 
@@ -1181,7 +1250,7 @@ impl Engine {
                 p.gates.push(record);
                 let next = p.stage + 1;
                 self.save_pipeline(p);
-                self.start_stage(pid, next);
+                self.start_stage(pid, next, None, None);
             }
             GateConfig::Manual => {
                 record.state = GateState::Waiting;
@@ -1268,7 +1337,7 @@ impl Engine {
                 let next = p.stage + 1;
                 tracing::info!(pipeline = pid, "gate passed");
                 self.save_pipeline(p);
-                self.start_stage(pid, next);
+                self.start_stage(pid, next, None, None);
             }
             Verdict::Fail(why) => {
                 gate.state = GateState::Failed;
@@ -1336,7 +1405,7 @@ impl Engine {
         })?;
         tracing::info!(pipeline = pid, %user, "promoted");
         self.pipelines.insert(pid, p);
-        self.start_stage(pid, next);
+        self.start_stage(pid, next, None, None);
         let p = self
             .pipelines
             .get(&pid)
@@ -1387,6 +1456,41 @@ fn command_for(r: &Rollout, d: &Dispatch) -> Command {
         rollout: Some(r.id.to_string()),
         action,
     }
+}
+
+/// The hosts of a stage: named ones first, then those whose heartbeat labels match
+/// (hosts gone silent are left out and said so).
+pub fn stage_hosts(
+    fleet: &Fleet,
+    stage: &StageConfig,
+) -> Result<(Vec<HostName>, Vec<String>), RequestError> {
+    let mut hosts = Vec::new();
+    let mut notes = Vec::new();
+    for h in &stage.hosts {
+        let host = HostName::new(h.as_str()).map_err(|e| RequestError::Internal(e.to_string()))?;
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
+    }
+    if !stage.labels.is_empty() {
+        for (host, liveness) in fleet.matching(&stage.labels, now()) {
+            if liveness == Liveness::Gone {
+                notes.push(format!("{host} left out: its heartbeats stopped (gone)"));
+            } else if !hosts.contains(&host) {
+                if liveness == Liveness::Stale {
+                    notes.push(format!("{host} is stale: it may miss its deadline"));
+                }
+                hosts.push(host);
+            }
+        }
+    }
+    if hosts.is_empty() {
+        return Err(RequestError::Invalid(format!(
+            "stage {} has no hosts: none named, and no live heartbeat matches labels {:?}",
+            stage.name, stage.labels
+        )));
+    }
+    Ok((hosts, notes))
 }
 
 /// `20261123-101500-abc1234`: sorts by time, names the commit.

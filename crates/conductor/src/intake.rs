@@ -48,10 +48,13 @@ pub async fn on_event(
     let message = incoming.message;
     let (tx, rx) = oneshot::channel();
     let input = match message.body {
-        Body::Result(result) => Input::Result {
-            result: Box::new(result),
-            done: tx,
-        },
+        Body::Result(result) => {
+            shared.forget_progress(result.command_id);
+            Input::Result {
+                result: Box::new(result),
+                done: tx,
+            }
+        }
         Body::Build(event) => {
             shared.emit("build", json!(event));
             Input::Build {
@@ -69,6 +72,7 @@ pub async fn on_event(
             Input::Fetch { report, done: tx }
         }
         Body::Progress(p) => {
+            shared.note_progress(&p);
             shared.emit("progress", json!(p));
             return Disposition::Ack;
         }

@@ -15,6 +15,8 @@
 //! - [`intake`]: the bus queues the conductor consumes.
 //! - [`fleet`]: hosts alive / stale / gone, from heartbeats.
 //! - [`api`]: the HTTP JSON API, SSE events, health and metrics.
+//! - [`web`]: the operators' pages (dashboard, deploy, rollouts, history, audit) and their
+//!   login sessions.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -26,3 +28,4 @@ pub mod pipeline;
 pub mod plan;
 pub mod rollout;
 pub mod store;
+pub mod web;

@@ -8,6 +8,7 @@ use convoy_conductor::config::Config;
 use convoy_conductor::engine::{Engine, Shared};
 use convoy_conductor::intake;
 use convoy_conductor::store::Store;
+use convoy_conductor::web::{self, WebState};
 use convoy_daemon::{ConfigArgs, Lifecycle, logging};
 use convoy_message::KeyPair;
 use std::process::ExitCode;
@@ -113,7 +114,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let api = Arc::new(ApiState::new(shared.clone(), tx.clone(), reader));
     let token = life.token();
     let server = tokio::spawn(async move {
-        axum::serve(listener, api::router(api))
+        let web = Arc::new(WebState::new(api.clone()));
+        axum::serve(listener, api::router(api).merge(web::router(web)))
             .with_graceful_shutdown(async move { token.cancelled().await })
             .await
     });

@@ -21,6 +21,11 @@ pub struct Host {
     pub config: PathBuf,
     pub log: PathBuf,
     pub agent: Option<Daemon>,
+    /// With [`Setup::host_daemons`]: the host's own convoy-fetcher and convoy-heartbeat.
+    pub fetcher: Option<Daemon>,
+    pub heartbeat: Option<Daemon>,
+    pub fetcher_config: PathBuf,
+    pub heartbeat_config: PathBuf,
 }
 
 impl Host {
@@ -97,6 +102,12 @@ pub struct Setup<'a> {
     /// Seconds the build hook sleeps (to give a test time to act mid-rollout).
     pub build_sleep: f64,
     pub amqp_url: Option<String>,
+    /// Each host gets its own mirror kept by a real convoy-fetcher (which reports its refs
+    /// to the conductor) and a real convoy-heartbeat with label `role=web`; otherwise the
+    /// hosts share one mirror the test fetches itself.
+    pub host_daemons: bool,
+    /// More conductor configuration (TOML appended to the file), e.g. `[[users]]`.
+    pub conductor_extra: String,
 }
 
 impl Default for Setup<'_> {
@@ -106,6 +117,8 @@ impl Default for Setup<'_> {
             apps: "[apps.web]\n[[apps.web.stages]]\nname = \"prod\"\nhosts = {hosts}\n",
             build_sleep: 0.0,
             amqp_url: None,
+            host_daemons: false,
+            conductor_extra: String::new(),
         }
     }
 }
@@ -163,6 +176,11 @@ impl Fleet {
             let log = hdir.join("hooks.log");
             let root = hdir.join("apps/web");
             let config = hdir.join("agent.toml");
+            let host_mirrors = if setup.host_daemons {
+                hdir.join("mirrors")
+            } else {
+                mirrors.clone()
+            };
             let line = |step: &str| {
                 format!(
                     "{step} = \"echo {step} $CONVOY_RELEASE $(date +%s%N) >> {}\"\n",
@@ -179,7 +197,7 @@ impl Fleet {
 [apps.web]\nroot = \"{root}\"\n\n[apps.web.hooks]\n{build}{pre}{post}\n\
 [apps.web.health]\ncommand = \"test ! -e {marker}\"\ninterval_ms = 100\ndeadline_s = 1\n",
                 state = hdir.join("state").display(),
-                mirrors = mirrors.display(),
+                mirrors = host_mirrors.display(),
                 trusted = trusted.display(),
                 root = root.display(),
                 pre = line("pre_switch"),
@@ -187,6 +205,23 @@ impl Fleet {
                 marker = hdir.join("unhealthy").display(),
             );
             std::fs::write(&config, toml)?;
+            let fetcher_config = hdir.join("fetcher.toml");
+            std::fs::write(
+                &fetcher_config,
+                format!(
+                    "host = \"{name}\"\nmirror_dir = \"{}\"\ndebounce_ms = 50\n\n[repos.web]\nurl = \"{}\"\n",
+                    host_mirrors.display(),
+                    origin.display()
+                ),
+            )?;
+            let heartbeat_config = hdir.join("heartbeat.toml");
+            std::fs::write(
+                &heartbeat_config,
+                format!(
+                    "host = \"{name}\"\ninterval_s = 1\nagent_config = \"{}\"\n\n[labels]\nrole = \"web\"\n",
+                    config.display()
+                ),
+            )?;
             tb.track(convoy_message::routing::queue::commands(
                 &tb.exchange,
                 &convoy_message::names::HostName::new(name.as_str())?,
@@ -198,6 +233,10 @@ impl Fleet {
                 config,
                 log,
                 agent: None,
+                fetcher: None,
+                heartbeat: None,
+                fetcher_config,
+                heartbeat_config,
             });
         }
         let host_list = format!(
@@ -213,7 +252,8 @@ impl Fleet {
         let toml = format!(
             "state_dir = \"{state}\"\nsigning_key = \"{key}\"\nlisten = \"127.0.0.1:{port}\"\n\n\
 [[tokens]]\nname = \"deployer\"\ntoken = \"{DEPLOYER_TOKEN}\"\nrole = \"deployer\"\n\n\
-[[tokens]]\nname = \"viewer\"\ntoken = \"{VIEWER_TOKEN}\"\nrole = \"viewer\"\n\n{apps}\n",
+[[tokens]]\nname = \"viewer\"\ntoken = \"{VIEWER_TOKEN}\"\nrole = \"viewer\"\n\n{extra}\n\n{apps}\n",
+            extra = setup.conductor_extra,
             state = d.join("conductor").display(),
             key = private.display(),
             apps = hosts.iter().enumerate().fold(
@@ -265,6 +305,26 @@ impl Fleet {
             &self.tb.env(),
             &h.dir,
         )?);
+        Ok(())
+    }
+
+    /// Starts host `i`'s convoy-fetcher and convoy-heartbeat ([`Setup::host_daemons`]).
+    pub fn start_host_daemons(&mut self, i: usize) -> anyhow::Result<()> {
+        let env = self.tb.env();
+        let h = &mut self.hosts[i];
+        for (kind, config) in [
+            ("fetcher", h.fetcher_config.clone()),
+            ("heartbeat", h.heartbeat_config.clone()),
+        ] {
+            let package = format!("convoy-{kind}");
+            let bin = convoy_testkit::workspace_bin(&package, &package);
+            let config = config.to_string_lossy().into_owned();
+            let daemon = Daemon::spawn(kind, &bin, &["--config", &config], &env, &h.dir)?;
+            match kind {
+                "fetcher" => h.fetcher = Some(daemon),
+                _ => h.heartbeat = Some(daemon),
+            }
+        }
         Ok(())
     }
 
