@@ -67,3 +67,40 @@ ensure_rabbitmq() {
   log "RabbitMQ did not start within 120 s; see /var/log/rabbitmq/"
   return 1
 }
+
+# cargo-deb (from crates.io) for scripts/package. Built once into ~/.cargo/bin.
+ensure_cargo_deb() {
+  if cargo deb --version >/dev/null 2>&1; then return 0; fi
+  log "installing cargo-deb from crates.io"
+  cargo install --locked cargo-deb
+}
+
+# Debian's lintian and the tools the packages' maintainer scripts and checks use.
+ensure_lintian() {
+  local missing=()
+  command -v lintian >/dev/null || missing+=(lintian)
+  command -v dpkg-deb >/dev/null || missing+=(dpkg)
+  command -v adduser >/dev/null || missing+=(adduser)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+}
+
+# The dashboard's browser test: Debian's Chromium and Node.js, and playwright-core from npm
+# (crates/conductor/tests/browser, pinned by its package-lock.json).
+ensure_browser() {
+  local missing=()
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+  if [ ! -d crates/conductor/tests/browser/node_modules/playwright-core ]; then
+    log "installing playwright-core (npm ci)"
+    (cd crates/conductor/tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+}
