@@ -178,12 +178,11 @@ impl Consumer {
     pub async fn declare(&self) -> Result<(), BusError> {
         let conn = self.bus.connection().await?;
         let declare = async {
+            topology::ensure_shared(&conn, self.bus.exchange(), true).await?;
             let channel = conn
                 .create_channel()
                 .await
                 .map_err(BusError::amqp("opening a channel"))?;
-            topology::declare_exchanges(&channel, self.bus.exchange()).await?;
-            topology::declare_dead_queue(&channel, self.bus.exchange()).await?;
             topology::declare_queue(&channel, self.bus.exchange(), &self.spec).await?;
             let _ = channel.close(200, "declared".into()).await;
             Ok(())
@@ -211,12 +210,11 @@ impl Consumer {
         let exchange = self.bus.exchange().to_owned();
         let prefetch = self.bus.config().tuning.prefetch;
         let setup = async {
+            topology::ensure_shared(&conn, &exchange, true).await?;
             let channel = conn
                 .create_channel()
                 .await
                 .map_err(BusError::amqp("opening a channel"))?;
-            topology::declare_exchanges(&channel, &exchange).await?;
-            topology::declare_dead_queue(&channel, &exchange).await?;
             topology::declare_queue(&channel, &exchange, &self.spec).await?;
             channel
                 .basic_qos(prefetch, BasicQosOptions::default())

@@ -14,6 +14,7 @@
 //! - [`consume`]: [`Consumer`], manual acks, bounded prefetch, de-duplication by message id,
 //!   dead-lettering with the reason in headers, and a loop that survives broker restarts.
 //! - [`dedup`]: the bounded set of recently processed ids.
+//! - [`permissions`]: the narrowest broker permissions of each role (`convoy bus setup`).
 //! - [`backoff`]: the retry schedule shared by all of the above.
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod connection;
 pub mod consume;
 pub mod dedup;
 pub mod error;
+pub mod permissions;
 pub mod publish;
 pub mod topology;
 

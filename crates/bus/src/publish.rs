@@ -328,6 +328,7 @@ impl Publisher {
         let timeout = self.bus.config().connect_timeout();
         let exchange = self.bus.exchange().to_owned();
         let setup = async {
+            topology::ensure_shared(&conn, &exchange, false).await?;
             let channel = conn
                 .create_channel()
                 .await
@@ -336,7 +337,6 @@ impl Publisher {
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(BusError::amqp("enabling publisher confirms"))?;
-            topology::declare_exchanges(&channel, &exchange).await?;
             Ok::<_, BusError>(channel)
         };
         match tokio::time::timeout(timeout, setup).await {

@@ -6,13 +6,23 @@
 //!   (durable quorum), where refused messages wait with `x-convoy-reason` headers;
 //! - one durable quorum queue per consumer role, bound to the keys it needs, with no TTL and
 //!   no expiry: a host that is down finds its commands waiting.
+//!
+//! The shared objects (both exchanges and the dead-letter queue) are first checked
+//! passively, which needs no permission, and declared only when missing. So a daemon whose
+//! broker user may not configure them (see [`crate::permissions`] and `convoy bus setup`)
+//! starts as long as they exist, and cannot delete or redefine them.
+//!
+//! The queue of every consumer role is defined here once ([`QueueSpec::commands`],
+//! [`QueueSpec::fetcher`], [`QueueSpec::ci`], [`QueueSpec::conductor_events`],
+//! [`QueueSpec::conductor_heartbeats`]), so the daemons and `convoy bus setup` declare them
+//! with the same arguments.
 
 use crate::error::BusError;
-use convoy_message::names::HostName;
+use convoy_message::names::{HostName, Name};
 use convoy_message::routing::queue;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 /// A queue a consumer reads, with the routing keys bound to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +54,46 @@ impl QueueSpec {
                 queue::commands(exchange, host),
                 vec![convoy_message::routing::command(host)],
             )
+        }
+    }
+
+    /// A host's fetcher queue, bound to the push keys of the repos it mirrors.
+    pub fn fetcher<'a>(
+        exchange: &str,
+        host: &HostName,
+        repos: impl IntoIterator<Item = &'a Name>,
+    ) -> Self {
+        Self::new(
+            queue::fetcher(exchange, host),
+            repos
+                .into_iter()
+                .map(convoy_message::routing::push)
+                .collect(),
+        )
+    }
+
+    /// The CI bridge's queue: every push.
+    pub fn ci(exchange: &str) -> Self {
+        Self::new(queue::ci(exchange), vec!["push.#".into()])
+    }
+
+    /// The conductor's event queue: pushes, builds, fetch reports, progress, results and
+    /// inventories.
+    pub fn conductor_events(exchange: &str) -> Self {
+        Self::new(
+            queue::conductor(exchange),
+            ["push.#", "build.#", "fetch.#", "deploy.#", "inventory.#"]
+                .map(String::from)
+                .to_vec(),
+        )
+    }
+
+    /// The conductor's heartbeat queue: bounded, dropping the oldest (only the newest
+    /// heartbeat of a host matters).
+    pub fn conductor_heartbeats(exchange: &str) -> Self {
+        Self {
+            max_length: Some(HEARTBEAT_QUEUE_MAX),
+            ..Self::new(queue::heartbeats(exchange), vec!["heartbeat.#".into()])
         }
     }
 
@@ -80,6 +130,9 @@ impl QueueSpec {
     }
 }
 
+/// Heartbeats kept waiting at most in the conductor's heartbeat queue.
+pub const HEARTBEAT_QUEUE_MAX: u32 = 200_000;
+
 /// The dead-letter exchange's name for a given main exchange.
 pub fn dead_exchange(exchange: &str) -> String {
     format!("{exchange}.dead")
@@ -90,6 +143,78 @@ fn durable_exchange() -> ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     }
+}
+
+/// Makes sure the exchanges exist — and the dead-letter queue too, for consumers
+/// (`with_dead_queue`). Checks passively first on a channel of its own (a missing object
+/// closes that channel) and declares only when something is missing, so users without
+/// `configure` permission on the shared objects need none.
+pub async fn ensure_shared(
+    conn: &Connection,
+    exchange: &str,
+    with_dead_queue: bool,
+) -> Result<(), BusError> {
+    if shared_exist(conn, exchange, with_dead_queue).await {
+        return Ok(());
+    }
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(BusError::amqp("opening a channel"))?;
+    declare_exchanges(&channel, exchange).await?;
+    if with_dead_queue {
+        declare_dead_queue(&channel, exchange).await?;
+    }
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Whether the shared objects exist, asked passively (no permission needed).
+async fn shared_exist(conn: &Connection, exchange: &str, with_dead_queue: bool) -> bool {
+    let Ok(channel) = conn.create_channel().await else {
+        return false;
+    };
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let dead = dead_exchange(exchange);
+    let mut found = channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        )
+        .await
+        .is_ok()
+        && channel
+            .exchange_declare(
+                dead.as_str().into(),
+                ExchangeKind::Fanout,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+    if found && with_dead_queue {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        found = channel
+            .queue_declare(
+                queue::dead(exchange).as_str().into(),
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+    }
+    if found {
+        let _ = channel.close(200, "checked".into()).await;
+    }
+    found
 }
 
 /// Declares the main exchange and the dead-letter exchange (cheap: what publishers need).

@@ -6,7 +6,6 @@ use convoy_ci::bridge::{Bridge, PushHandler};
 use convoy_ci::config::Config;
 use convoy_ci::notify::{self, Endpoint, Report};
 use convoy_daemon::{ConfigArgs, Lifecycle, logging};
-use convoy_message::routing::queue;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,7 +129,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let spec = QueueSpec::new(queue::ci(bus.exchange()), vec!["push.#".into()]);
+    let spec = QueueSpec::ci(bus.exchange());
     let consumer = Consumer::new(bus.clone(), spec);
     life.ready("consuming push events");
     consumer

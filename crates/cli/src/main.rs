@@ -1,13 +1,18 @@
 //! `convoy`: the operator's command line. It talks to the conductor's HTTP API
-//! (`CONVOY_URL`, `CONVOY_TOKEN`); `keygen` and `token` work offline.
+//! (`CONVOY_URL`, `CONVOY_TOKEN`); `keygen`, `token` and `passwd` work offline; `bus setup`
+//! talks to the broker.
 //!
 //! Exit codes scripts can rely on:
 //! 0 done (a rollout succeeded); 1 a rollout ended without success (halted, rolled back,
 //! aborted); 2 bad usage; 3 the conductor refused the request (unknown app, conflict, …);
 //! 4 the conductor cannot be reached, or the token was refused.
 
+mod amqp_url;
+mod bus_setup;
 mod client;
 mod output;
+mod rabbitmqctl;
+mod secret;
 
 use clap::{Args, Parser, Subcommand};
 use client::{Client, Failure};
@@ -208,6 +213,30 @@ enum Command {
         #[arg(long, default_value = "deployer")]
         role: String,
     },
+    /// Hash a dashboard password (read from standard input) for the conductor's `[[users]]`.
+    Passwd {
+        /// The login name.
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "deployer")]
+        role: String,
+        /// Make up a random password and print it, instead of reading one.
+        #[arg(long)]
+        generate: bool,
+    },
+    /// The broker: exchanges, queues, and least-privilege users.
+    Bus {
+        #[command(subcommand)]
+        command: BusCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BusCommand {
+    /// Declare convoy's exchanges and queues, and create one broker user per role and per
+    /// host with the narrowest permissions; print their credentials (run on a broker node,
+    /// as root).
+    Setup(bus_setup::SetupArgs),
 }
 
 fn main() -> ExitCode {
@@ -378,7 +407,70 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Passwd {
+            name,
+            role,
+            generate,
+        } => passwd(&name, &role, generate, json_out),
+        Command::Bus {
+            command: BusCommand::Setup(args),
+        } => {
+            let report = bus_setup::run(&args).map_err(|e| {
+                match e.downcast_ref::<bus_setup::BadUsage>() {
+                    Some(bad) => Failure::Usage(bad.0.clone()),
+                    None => Failure::Unreachable(format!("bus setup: {e:#}")),
+                }
+            })?;
+            if json_out {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                bus_setup::print(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `convoy passwd`: an argon2 hash for the conductor's `[[users]]`.
+fn passwd(name: &str, role: &str, generate: bool, json_out: bool) -> Result<ExitCode, Failure> {
+    if !matches!(role, "viewer" | "deployer") {
+        return Err(Failure::Usage(format!(
+            "--role {role:?}: use viewer or deployer"
+        )));
+    }
+    let password = if generate {
+        secret::random_hex(12).map_err(|e| Failure::Usage(e.to_string()))?
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| Failure::Usage(format!("reading the password from stdin: {e}")))?;
+        let line = line.trim_end_matches(['\r', '\n']).to_owned();
+        if line.len() < 8 {
+            return Err(Failure::Usage(
+                "give a password of at least 8 characters on standard input, or --generate".into(),
+            ));
+        }
+        line
+    };
+    let hash = secret::hash_password(&password).map_err(|e| Failure::Usage(e.to_string()))?;
+    if json_out {
+        let shown = generate.then_some(password.as_str());
+        println!(
+            "{}",
+            json!({ "name": name, "role": role, "password": shown, "password_hash": hash })
+        );
+    } else {
+        if generate {
+            println!("password for {name}: {password}");
+        }
+        println!("\nadd to /etc/convoy/conductor.toml:\n");
+        println!("[[users]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\nrole = \"{role}\"");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The body of `POST /api/rollouts`, shared by `deploy` and `plan`.

@@ -5,7 +5,6 @@ use convoy_bus::{Bus, Consumer, Publisher, QueueSpec};
 use convoy_daemon::{ConfigArgs, Lifecycle, logging};
 use convoy_fetcher::config::Config;
 use convoy_fetcher::worker::{Fetcher, PushHandler};
-use convoy_message::routing::queue;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +42,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let bus = Bus::new(config.bus_config(), format!("convoy-fetcher@{host}"))?;
     let publisher = Arc::new(Publisher::new(bus.clone()));
     let fetcher = Arc::new(Fetcher::new(config, publisher)?);
-    let spec = QueueSpec::new(queue::fetcher(bus.exchange(), &host), fetcher.bindings());
+    let spec = QueueSpec::fetcher(bus.exchange(), &host, &fetcher.repos());
     let name = spec.name.clone();
     let loops = fetcher.spawn_loops(&life.token());
     let consumer = Consumer::new(bus.clone(), spec);

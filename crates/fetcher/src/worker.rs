@@ -51,13 +51,12 @@ impl Fetcher {
         &self.host
     }
 
-    /// The push routing keys this host's queue binds: one per mirrored repo.
-    pub fn bindings(&self) -> Vec<String> {
+    /// The mirrored repos, whose push keys this host's queue binds.
+    pub fn repos(&self) -> Vec<Name> {
         self.config
             .repos
             .keys()
             .filter_map(|r| Name::new(r.as_str()).ok())
-            .map(|r| convoy_message::routing::push(&r))
             .collect()
     }
 

@@ -1,0 +1,494 @@
+//! `convoy bus setup`: declares convoy's broker objects and creates one broker user per
+//! role (conductor, hook, ci) and per host, each with the narrowest permissions
+//! ([`convoy_bus::permissions`]), and prints the credentials to hand out.
+//!
+//! The exchanges and queues are declared over AMQP as an administrator, with the same
+//! [`convoy_bus::topology`] code the daemons use, so names and arguments never drift.
+//! Virtual hosts, users and permissions go through `rabbitmqctl` (no management plugin).
+//! Running it again changes nothing but the permissions, which it sets again: existing
+//! users keep their passwords unless `--rotate`.
+
+use crate::amqp_url::AmqpUrl;
+use crate::rabbitmqctl::Rabbitmqctl;
+use anyhow::Context;
+use convoy_bus::permissions::{Grants, Role};
+use convoy_bus::{Bus, BusConfig, DEFAULT_AMQP_URL, DEFAULT_EXCHANGE, QueueSpec, topology};
+use convoy_message::names::{HostName, Name};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Users set up at the same time.
+const PARALLEL_USERS: usize = 4;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct SetupArgs {
+    /// An administrator's broker URL, used to declare the exchanges and queues.
+    #[arg(long, env = "CONVOY_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: String,
+    /// The virtual host (default: the one in --amqp-url). Created when missing.
+    #[arg(long)]
+    pub vhost: Option<String>,
+    /// The exchange (default: CONVOY_EXCHANGE, else the conductor config's, else `convoy`).
+    #[arg(long, env = "CONVOY_EXCHANGE")]
+    pub exchange: Option<String>,
+    /// Hosts to create a user and queues for: `web1,web2,db1`.
+    #[arg(long, value_delimiter = ',')]
+    pub hosts: Vec<String>,
+    /// Take hosts (every stage's `hosts`) and the exchange from this conductor config too.
+    #[arg(long, value_name = "PATH")]
+    pub conductor_config: Option<PathBuf>,
+    /// Give users that exist already new passwords (default: keep them, print none).
+    #[arg(long)]
+    pub rotate: bool,
+    /// What every user name starts with; give each convoy installation on one broker its own.
+    #[arg(long, default_value = "convoy-")]
+    pub user_prefix: String,
+    /// How the daemons reach the broker, for the printed URLs (default: the host of
+    /// --amqp-url), e.g. `amqps://mq.example.com:5671`.
+    #[arg(long)]
+    pub broker_url: Option<String>,
+    /// The rabbitmqctl to run (it needs root or the rabbitmq user, on a broker machine).
+    #[arg(long, default_value = "rabbitmqctl")]
+    pub rabbitmqctl: PathBuf,
+    /// The RabbitMQ node rabbitmqctl talks to (its `-n`; default: the local node).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+/// What `bus setup` did, printed as text or JSON.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub vhost: String,
+    pub vhost_created: bool,
+    pub exchange: String,
+    pub exchanges: Vec<String>,
+    pub queues: Vec<String>,
+    pub users: Vec<UserReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UserReport {
+    pub user: String,
+    /// `conductor`, `hook`, `ci` or `host`.
+    pub role: &'static str,
+    pub host: Option<String>,
+    pub daemons: &'static [&'static str],
+    /// `created`, `rotated` (new password) or `kept` (password unchanged, not shown).
+    pub status: &'static str,
+    pub password: Option<String>,
+    /// The daemons' `amqp_url`, when the password is known.
+    pub amqp_url: Option<String>,
+    pub permissions: Grants,
+}
+
+/// A problem with the arguments, found before anything was changed (exit code 2).
+#[derive(Debug)]
+pub struct BadUsage(pub String);
+
+impl std::fmt::Display for BadUsage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadUsage {}
+
+/// Everything `bus setup` will do, checked.
+struct Plan {
+    admin: AmqpUrl,
+    public: AmqpUrl,
+    vhost: String,
+    exchange: String,
+    roles: Vec<Role>,
+}
+
+fn plan(args: &SetupArgs) -> Result<Plan, BadUsage> {
+    let bad = |e: anyhow::Error| BadUsage(format!("{e:#}"));
+    let admin = AmqpUrl::parse(&args.amqp_url).map_err(bad)?;
+    let vhost = args.vhost.clone().unwrap_or_else(|| admin.vhost.clone());
+    if vhost.is_empty() {
+        return Err(BadUsage("--vhost must not be empty".into()));
+    }
+    let mut hosts = args.hosts.clone();
+    let mut exchange = args.exchange.clone();
+    if let Some(path) = &args.conductor_config {
+        let (more, ex) = read_conductor_config(path).map_err(bad)?;
+        hosts.extend(more);
+        exchange = exchange.or(ex);
+    }
+    let exchange = exchange.unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
+    if exchange.is_empty()
+        || exchange
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(BadUsage(format!(
+            "--exchange {exchange:?}: give a name without spaces"
+        )));
+    }
+    let prefix = &args.user_prefix;
+    if prefix
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == ':')
+    {
+        return Err(BadUsage(format!(
+            "--user-prefix {prefix:?}: no spaces or colons"
+        )));
+    }
+    let mut roles = vec![Role::Conductor, Role::Hook, Role::Ci];
+    let mut seen = BTreeSet::new();
+    for h in hosts.iter().map(|h| h.trim()).filter(|h| !h.is_empty()) {
+        let host = HostName::new(h).map_err(|e| {
+            BadUsage(format!(
+                "host {h:?}: {e} (hosts are named as in their agent.toml)"
+            ))
+        })?;
+        if seen.insert(host.routing_word()) {
+            roles.push(Role::Host(host));
+        }
+    }
+    let public = match &args.broker_url {
+        Some(u) => AmqpUrl::parse(u).map_err(bad)?,
+        None => admin.clone(),
+    }
+    .with_vhost(&vhost);
+    Ok(Plan {
+        admin: admin.with_vhost(&vhost),
+        public,
+        vhost,
+        exchange,
+        roles,
+    })
+}
+
+/// Hosts named by the stages of a conductor config, and its exchange if it sets one.
+pub fn read_conductor_config(path: &Path) -> anyhow::Result<(Vec<String>, Option<String>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the conductor config {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text)
+        .with_context(|| format!("the conductor config {} is not valid TOML", path.display()))?;
+    let exchange = table
+        .get("exchange")
+        .and_then(|e| e.as_str())
+        .map(str::to_owned);
+    let mut hosts = Vec::new();
+    let apps = table.get("apps").and_then(|a| a.as_table());
+    for (name, app) in apps.into_iter().flatten() {
+        let stages = app.get("stages").and_then(|s| s.as_array());
+        for (i, stage) in stages.into_iter().flatten().enumerate() {
+            let Some(list) = stage.get("hosts") else {
+                continue;
+            };
+            let list = list.as_array().with_context(|| {
+                format!(
+                    "{}: apps.{name}.stages[{i}].hosts must be a list",
+                    path.display()
+                )
+            })?;
+            for h in list {
+                let h = h.as_str().with_context(|| {
+                    format!(
+                        "{}: apps.{name}.stages[{i}].hosts holds a non-string",
+                        path.display()
+                    )
+                })?;
+                hosts.push(h.to_owned());
+            }
+        }
+    }
+    Ok((hosts, exchange))
+}
+
+/// Runs `bus setup`.
+pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
+    let plan = plan(args)?;
+    let ctl = Rabbitmqctl::new(&args.rabbitmqctl, args.node.clone())?;
+
+    let vhost_created = if ctl.vhosts()?.contains(&plan.vhost) {
+        false
+    } else {
+        ctl.add_vhost(&plan.vhost)?;
+        // The administrator declares the topology next: it needs rights in the new vhost.
+        let admin = plan.admin.user.clone().unwrap_or_else(|| "guest".into());
+        ctl.grant_all(&plan.vhost, &admin)?;
+        true
+    };
+
+    let hosts: Vec<HostName> = plan
+        .roles
+        .iter()
+        .filter_map(|r| match r {
+            Role::Host(h) => Some(h.clone()),
+            _ => None,
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let queues = runtime
+        .block_on(declare_topology(&plan.admin, &plan.exchange, &hosts))
+        .with_context(|| {
+            format!(
+                "declaring the exchanges and queues as {} (that user needs configure, write \
+                 and read on vhost {:?}: `rabbitmqctl set_permissions -p {} {} '.*' '.*' '.*'`)",
+                plan.admin.redacted(),
+                plan.vhost,
+                plan.vhost,
+                plan.admin.user.as_deref().unwrap_or("guest"),
+            )
+        })?;
+
+    let existing: BTreeSet<String> = ctl.users()?.into_iter().collect();
+    // Each rabbitmqctl call starts an Erlang VM (about half a second): users are made a few
+    // at a time, each user's calls in order.
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<Option<anyhow::Result<UserReport>>>> =
+        Mutex::new(plan.roles.iter().map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..PARALLEL_USERS.min(plan.roles.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(role) = plan.roles.get(i) else { break };
+                    let result = set_up_user(&ctl, &plan, args, role, &existing);
+                    if let Ok(mut done) = done.lock() {
+                        done[i] = Some(result);
+                    }
+                }
+            });
+        }
+    });
+    let users = done
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a user was not set up"))))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Report {
+        vhost: plan.vhost,
+        vhost_created,
+        exchanges: vec![
+            plan.exchange.clone(),
+            topology::dead_exchange(&plan.exchange),
+        ],
+        exchange: plan.exchange,
+        queues,
+        users,
+    })
+}
+
+/// Creates (or keeps, or rotates) one role's user and sets its permissions.
+fn set_up_user(
+    ctl: &Rabbitmqctl,
+    plan: &Plan,
+    args: &SetupArgs,
+    role: &Role,
+    existing: &BTreeSet<String>,
+) -> anyhow::Result<UserReport> {
+    let user = role.user(&args.user_prefix);
+    let (status, password) = if !existing.contains(&user) {
+        let password = crate::secret::random_hex(24)?;
+        ctl.add_user(&user, &password)?;
+        ("created", Some(password))
+    } else if args.rotate {
+        let password = crate::secret::random_hex(24)?;
+        ctl.change_password(&user, &password)?;
+        ("rotated", Some(password))
+    } else {
+        ("kept", None)
+    };
+    let grants = role.grants(&plan.exchange);
+    ctl.grant(&plan.vhost, &user, &plan.exchange, &grants)?;
+    Ok(UserReport {
+        amqp_url: password
+            .as_ref()
+            .map(|p| plan.public.with_credentials(&user, p).to_string()),
+        user,
+        role: role.kind(),
+        host: match role {
+            Role::Host(h) => Some(h.to_string()),
+            _ => None,
+        },
+        daemons: role.daemons(),
+        status,
+        password,
+        permissions: grants,
+    })
+}
+
+/// Declares both exchanges, the dead-letter queue, the conductor's and the CI bridge's
+/// queues, and each host's command and fetcher queues. Returns the queue names.
+async fn declare_topology(
+    admin: &AmqpUrl,
+    exchange: &str,
+    hosts: &[HostName],
+) -> anyhow::Result<Vec<String>> {
+    let bus = Bus::new(
+        BusConfig::new(admin.to_string(), exchange),
+        "convoy bus setup",
+    )?;
+    let conn = bus.connection().await?;
+    let channel = conn.create_channel().await?;
+    topology::declare_exchanges(&channel, exchange).await?;
+    topology::declare_dead_queue(&channel, exchange).await?;
+    let mut specs = vec![
+        QueueSpec::conductor_events(exchange),
+        QueueSpec::conductor_heartbeats(exchange),
+        QueueSpec::ci(exchange),
+    ];
+    for host in hosts {
+        specs.push(QueueSpec::commands(exchange, host));
+        // Unbound: each fetcher binds the push keys of the repos it mirrors.
+        specs.push(QueueSpec::fetcher(
+            exchange,
+            host,
+            std::iter::empty::<&Name>(),
+        ));
+    }
+    for spec in &specs {
+        topology::declare_queue(&channel, exchange, spec).await?;
+    }
+    let _ = channel.close(200, "declared".into()).await;
+    bus.close().await;
+    let mut names = vec![convoy_message::routing::queue::dead(exchange)];
+    names.extend(specs.into_iter().map(|s| s.name));
+    Ok(names)
+}
+
+/// Prints the report for a person.
+pub fn print(report: &Report) {
+    println!(
+        "vhost {:?}{}, exchange {:?}",
+        report.vhost,
+        if report.vhost_created {
+            " (created)"
+        } else {
+            ""
+        },
+        report.exchange
+    );
+    println!(
+        "declared exchanges {} (topic) and {} (fanout, dead letters)",
+        report.exchanges[0], report.exchanges[1]
+    );
+    println!("declared queues {}", report.queues.join(", "));
+    println!();
+    println!("users (their permissions: docs/security.md, or --json):");
+    for u in &report.users {
+        let who = match &u.host {
+            Some(h) => format!("host {h}"),
+            None => u.role.to_owned(),
+        };
+        let status = match u.status {
+            "kept" => "kept (password unchanged)",
+            other => other,
+        };
+        println!("  {:<40} {:<24} {status}", u.user, who);
+    }
+    let handed: Vec<&UserReport> = report
+        .users
+        .iter()
+        .filter(|u| u.amqp_url.is_some())
+        .collect();
+    if !handed.is_empty() {
+        println!();
+        println!("credentials to hand out (shown only now; keep them like any secret):");
+        for u in handed {
+            let files = match u.role {
+                "conductor" => "/etc/convoy/conductor.toml on the conductor".to_owned(),
+                "hook" => {
+                    "/etc/convoy/hook.toml on the git server (and the webhook receiver)".to_owned()
+                }
+                "ci" => {
+                    "/etc/convoy/ci.toml on the CI bridge (and jobs running `convoy-ci notify`)"
+                        .to_owned()
+                }
+                _ => format!(
+                    "/etc/convoy/agent.toml, fetcher.toml and heartbeat.toml on {}",
+                    u.host.as_deref().unwrap_or("the host")
+                ),
+            };
+            println!();
+            println!("  # {files}");
+            println!("  amqp_url = \"{}\"", u.amqp_url.as_deref().unwrap_or(""));
+            if report.exchange != DEFAULT_EXCHANGE {
+                println!("  exchange = \"{}\"", report.exchange);
+            }
+        }
+    }
+    if report.users.iter().any(|u| u.status == "kept") {
+        println!();
+        println!(
+            "Users that existed kept their passwords, which are not shown; `--rotate` gives them \
+             new ones (then update their configs)."
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(hosts: &[&str]) -> SetupArgs {
+        SetupArgs {
+            amqp_url: DEFAULT_AMQP_URL.into(),
+            vhost: None,
+            exchange: None,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            conductor_config: None,
+            rotate: false,
+            user_prefix: "convoy-".into(),
+            broker_url: Some("amqps://mq.example.com:5671".into()),
+            rabbitmqctl: "rabbitmqctl".into(),
+            node: None,
+        }
+    }
+
+    #[test]
+    fn plans_a_user_per_role_and_host() {
+        let p = plan(&args(&["web1", "web2.dc1", "web1", " "])).unwrap();
+        let users: Vec<String> = p.roles.iter().map(|r| r.user("convoy-")).collect();
+        assert_eq!(
+            users,
+            [
+                "convoy-conductor",
+                "convoy-hook",
+                "convoy-ci",
+                "convoy-host-web1",
+                "convoy-host-web2.dc1"
+            ]
+        );
+        assert_eq!(p.vhost, "/");
+        assert_eq!(
+            p.public.with_credentials("u", "p").to_string(),
+            "amqps://u:p@mq.example.com:5671/%2f"
+        );
+        let bad = plan(&args(&["web_1"])).map(|_| ()).unwrap_err();
+        assert!(bad.0.contains("web_1"), "{bad}");
+    }
+
+    #[test]
+    fn reads_hosts_from_the_conductor_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("conductor.toml");
+        std::fs::write(
+            &path,
+            "exchange = \"fleet\"\n[apps.shop]\n[[apps.shop.stages]]\nname = \"staging\"\nhosts = [\"s1\"]\n\
+             [[apps.shop.stages]]\nname = \"prod\"\nlabels = { role = \"web\" }\n\
+             [[apps.shop.stages]]\nname = \"eu\"\nhosts = [\"p1\", \"p2\"]\n",
+        )
+        .unwrap();
+        let (hosts, exchange) = read_conductor_config(&path).unwrap();
+        assert_eq!(hosts, ["s1", "p1", "p2"]);
+        assert_eq!(exchange.as_deref(), Some("fleet"));
+        let mut a = args(&["s1", "x1"]);
+        a.conductor_config = Some(path);
+        let p = plan(&a).unwrap();
+        assert_eq!(p.exchange, "fleet");
+        assert_eq!(p.roles.len(), 3 + 4);
+    }
+}

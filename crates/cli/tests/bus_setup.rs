@@ -1,0 +1,406 @@
+//! `convoy bus setup` against the real broker, each test in a virtual host of its own
+//! (deleted at the end, with the users it made): a host's credentials can do the host's own
+//! work through the same bus client the daemons use, and get ACCESS_REFUSED for anything of
+//! another host's. Needs root (rabbitmqctl): scripts/test runs as root.
+
+use convoy_bus::{
+    Bus, BusConfig, Consumer, Disposition, Incoming, Outgoing, Publisher, QueueSpec, Retry,
+};
+use convoy_message::names::{HostName, Name};
+use convoy_message::routing::{self, queue};
+use convoy_message::{Body, Heartbeat, Message};
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use serde_json::Value;
+use std::process::Command;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const CONVOY: &str = env!("CARGO_BIN_EXE_convoy");
+const EXCHANGE: &str = "convoy";
+
+/// A virtual host and a user-name prefix of this test's own; both go when it ends.
+struct Scratch {
+    vhost: String,
+    prefix: String,
+}
+
+impl Scratch {
+    fn new() -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            nix::unistd::geteuid().is_root(),
+            "bus setup runs rabbitmqctl, which needs root: run scripts/test as root"
+        );
+        Ok(Self {
+            vhost: convoy_testkit::unique("convoy-test"),
+            prefix: format!("{}-", convoy_testkit::unique("t")),
+        })
+    }
+
+    /// Runs `convoy --json bus setup` on this vhost; returns its report.
+    fn setup(&self, extra: &[&str]) -> anyhow::Result<Value> {
+        let out = Command::new(CONVOY)
+            .env_remove("CONVOY_EXCHANGE")
+            .args(["--json", "bus", "setup", "--amqp-url"])
+            .arg(convoy_testkit::shared_amqp_url())
+            .args(["--vhost", &self.vhost, "--user-prefix", &self.prefix])
+            .args(extra)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bus setup failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let ctl = |args: &[&str]| Command::new("rabbitmqctl").arg("-q").args(args).output();
+        let _ = ctl(&["delete_vhost", &self.vhost]);
+        if let Ok(out) = ctl(&["list_users", "--formatter", "json"]) {
+            let users: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            for u in users {
+                if let Some(name) = u["user"].as_str().filter(|n| n.starts_with(&self.prefix)) {
+                    let _ = ctl(&["delete_user", name]);
+                }
+            }
+        }
+    }
+}
+
+/// The report's entry for `user`.
+fn user<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["users"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["user"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+fn url_of(report: &Value, name: &str) -> String {
+    user(report, name)["amqp_url"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn bus(url: &str, name: &str) -> anyhow::Result<Bus> {
+    let mut config = BusConfig::new(url, EXCHANGE);
+    config.tuning.connect_timeout_ms = 3_000;
+    config.tuning.confirm_timeout_ms = 3_000;
+    config.tuning.max_backoff_ms = 500;
+    Ok(Bus::new(config, name)?)
+}
+
+fn heartbeat(host: &str) -> Message {
+    Message::new(
+        format!("test@{host}"),
+        Body::Heartbeat(Heartbeat {
+            host: HostName::new(host).unwrap(),
+            labels: Default::default(),
+            versions: Default::default(),
+            apps: Default::default(),
+            load: [0.0; 3],
+            disk_free_bytes: 0,
+            interval_s: 10,
+            started_at: chrono::Utc::now(),
+        }),
+    )
+}
+
+/// Publishes a message under `key` as the bus's user, once.
+async fn publish(bus: &Bus, key: &str) -> anyhow::Result<()> {
+    let out = Outgoing::with_key(&heartbeat("web-1"), key)?;
+    Publisher::new(bus.clone())
+        .publish(&out, Retry::once())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn refused(what: &str, result: anyhow::Result<()>) {
+    match result {
+        Ok(()) => panic!("{what}: allowed, but must be refused"),
+        Err(e) => assert!(
+            format!("{e:#}").contains("ACCESS_REFUSED"),
+            "{what}: refused for another reason: {e:#}"
+        ),
+    }
+}
+
+/// Runs a consumer of `spec` until it hands over one message (or the timeout).
+async fn receive_one(bus: Bus, spec: QueueSpec) -> anyhow::Result<Incoming> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let consumer = Consumer::new(bus, spec);
+    let run = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let handler = move |incoming: Incoming| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(incoming);
+                    Disposition::Ack
+                }
+            };
+            consumer.run(&handler, cancel).await
+        })
+    };
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+    cancel.cancel();
+    let _ = run.await;
+    got.ok()
+        .flatten()
+        .ok_or_else(|| anyhow::anyhow!("nothing arrived within 10 s"))
+}
+
+/// One raw AMQP operation as `url`'s user on a fresh channel.
+async fn raw<F, Fut>(url: &str, op: F) -> anyhow::Result<()>
+where
+    F: FnOnce(lapin::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<(), lapin::Error>>,
+{
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    let result = tokio::time::timeout(Duration::from_secs(5), op(channel)).await;
+    let _ = conn.close(200, "done".into()).await;
+    match result {
+        Ok(r) => r.map_err(|e| anyhow::anyhow!("{e}")),
+        Err(_) => anyhow::bail!("no answer within 5 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_does_its_own_work_and_nothing_of_another_hosts() -> anyhow::Result<()> {
+    let scratch = Scratch::new()?;
+    let report = scratch.setup(&["--hosts", "web-1,web-2"])?;
+    let p = &scratch.prefix;
+    let web1 = url_of(&report, &format!("{p}host-web-1"));
+    let conductor = url_of(&report, &format!("{p}conductor"));
+    let hook = url_of(&report, &format!("{p}hook"));
+    let ci = url_of(&report, &format!("{p}ci"));
+    assert!(web1.contains(&format!("{p}host-web-1:")), "{report:#}");
+    let host1 = HostName::new("web-1")?;
+    let host2 = HostName::new("web-2")?;
+    let app = Name::new("shop")?;
+
+    // What each does for a living.
+    let web1_bus = bus(&web1, "web-1")?;
+    let conductor_bus = bus(&conductor, "conductor")?;
+    publish(&conductor_bus, &routing::command(&host1)).await?;
+    let command = receive_one(web1_bus.clone(), QueueSpec::commands(EXCHANGE, &host1)).await?;
+    assert_eq!(command.routing_key, "cmd.web-1");
+    publish(&web1_bus, &routing::result(Some(&app), &host1)).await?;
+    publish(
+        &web1_bus,
+        &routing::progress(&app, &host1, convoy_message::Step::Build),
+    )
+    .await?;
+    publish(&web1_bus, &routing::heartbeat(&host1)).await?;
+    publish(&web1_bus, &routing::inventory(&host1)).await?;
+    Consumer::new(
+        web1_bus.clone(),
+        QueueSpec::fetcher(EXCHANGE, &host1, [&app]),
+    )
+    .declare()
+    .await?;
+    publish(&bus(&hook, "hook")?, &routing::push(&app)).await?;
+    let push = receive_one(bus(&ci, "ci")?, QueueSpec::ci(EXCHANGE)).await?;
+    assert_eq!(push.routing_key, "push.shop");
+    let fetched = receive_one(
+        web1_bus.clone(),
+        QueueSpec::fetcher(EXCHANGE, &host1, [&app]),
+    )
+    .await?;
+    assert_eq!(fetched.routing_key, "push.shop");
+    let event = receive_one(conductor_bus.clone(), QueueSpec::conductor_events(EXCHANGE)).await?;
+    assert_eq!(event.routing_key, "deploy.shop.web-1.result");
+
+    // Another host's results, progress, heartbeats, commands: refused.
+    refused(
+        "web-1 publishing web-2's result",
+        publish(&web1_bus, &routing::result(Some(&app), &host2)).await,
+    );
+    refused(
+        "web-1 publishing web-2's inventory result",
+        publish(&web1_bus, &routing::result(None, &host2)).await,
+    );
+    refused(
+        "web-1 publishing web-2's heartbeat",
+        publish(&web1_bus, &routing::heartbeat(&host2)).await,
+    );
+    refused(
+        "web-1 ordering web-2 to deploy",
+        publish(&web1_bus, &routing::command(&host2)).await,
+    );
+    refused(
+        "web-1 sending itself a command",
+        publish(&web1_bus, &routing::command(&host1)).await,
+    );
+    refused(
+        "web-1 announcing a push",
+        publish(&web1_bus, &routing::push(&app)).await,
+    );
+    refused(
+        "the hook sending a command",
+        publish(&bus(&hook, "hook")?, &routing::command(&host1)).await,
+    );
+    refused(
+        "ci publishing a result",
+        publish(&bus(&ci, "ci")?, &routing::result(Some(&app), &host1)).await,
+    );
+
+    // Another host's queue, directly.
+    let cmd2 = queue::commands(EXCHANGE, &host2);
+    let cmd1 = queue::commands(EXCHANGE, &host1);
+    refused(
+        "web-1 consuming web-2's command queue",
+        raw(&web1, |ch| {
+            let q = cmd2.clone();
+            async move {
+                ch.basic_consume(
+                    q.as_str().into(),
+                    "thief".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map(drop)
+            }
+        })
+        .await,
+    );
+    refused(
+        "web-1 binding its queue to web-2's commands",
+        raw(&web1, |ch| {
+            let q = cmd1.clone();
+            async move {
+                ch.queue_bind(
+                    q.as_str().into(),
+                    EXCHANGE.into(),
+                    "cmd.web-2".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            }
+        })
+        .await,
+    );
+    refused(
+        "web-1 binding its queue to every result",
+        raw(&web1, |ch| {
+            let q = cmd1.clone();
+            async move {
+                ch.queue_bind(
+                    q.as_str().into(),
+                    EXCHANGE.into(),
+                    "deploy.#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            }
+        })
+        .await,
+    );
+    refused(
+        "web-1 publishing straight into web-2's queue (default exchange)",
+        raw(&web1, |ch| {
+            let q = cmd2.clone();
+            async move {
+                ch.basic_publish(
+                    "".into(),
+                    q.as_str().into(),
+                    Default::default(),
+                    b"{}",
+                    Default::default(),
+                )
+                .await?;
+                // The refusal closes the channel; a round trip makes it show.
+                ch.queue_declare(
+                    "amq.gen-none".into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(drop)
+            }
+        })
+        .await,
+    );
+    refused(
+        "web-1 deleting web-2's command queue",
+        raw(&web1, |ch| {
+            let q = cmd2.clone();
+            async move {
+                ch.queue_delete(q.as_str().into(), Default::default())
+                    .await
+                    .map(drop)
+            }
+        })
+        .await,
+    );
+    refused(
+        "web-1 reading the dead letters",
+        raw(&web1, |ch| async move {
+            ch.basic_consume(
+                "convoy.dead".into(),
+                "thief".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map(drop)
+        })
+        .await,
+    );
+    refused(
+        "web-1 deleting the exchange",
+        raw(&web1, |ch| async move {
+            ch.exchange_delete(EXCHANGE.into(), ExchangeDeleteOptions::default())
+                .await
+        })
+        .await,
+    );
+    for b in [web1_bus, conductor_bus] {
+        b.close().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_again_keeps_passwords_and_rotate_replaces_them() -> anyhow::Result<()> {
+    let scratch = Scratch::new()?;
+    let first = scratch.setup(&["--hosts", "db-1"])?;
+    let name = format!("{}host-db-1", scratch.prefix);
+    assert_eq!(user(&first, &name)["status"], "created");
+    let old_url = url_of(&first, &name);
+
+    let again = scratch.setup(&["--hosts", "db-1,db-2"])?;
+    assert_eq!(user(&again, &name)["status"], "kept");
+    assert!(user(&again, &name)["password"].is_null());
+    assert_eq!(
+        user(&again, &format!("{}host-db-2", scratch.prefix))["status"],
+        "created"
+    );
+    // The kept password still works.
+    publish(&bus(&old_url, "db-1")?, "heartbeat.db-1").await?;
+
+    let rotated = scratch.setup(&["--hosts", "db-1", "--rotate"])?;
+    assert_eq!(user(&rotated, &name)["status"], "rotated");
+    let new_url = url_of(&rotated, &name);
+    assert_ne!(new_url, old_url);
+    publish(&bus(&new_url, "db-1")?, "heartbeat.db-1").await?;
+    let old = Connection::connect(&old_url, ConnectionProperties::default()).await;
+    assert!(old.is_err(), "the old password must no longer work");
+    Ok(())
+}
