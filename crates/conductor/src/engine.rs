@@ -53,6 +53,9 @@ pub struct Metrics {
 
 const MAX_TRACKED_STEPS: usize = 20_000;
 
+/// At most this many waiting results share one transaction.
+const MAX_RESULT_GROUP: usize = 256;
+
 /// What the engine, the HTTP API and the consumers share.
 pub struct Shared {
     pub config: Arc<Config>,
@@ -325,6 +328,9 @@ impl Engine {
             tokio::select! {
                 _ = self.cancel.cancelled() => return Ok(()),
                 input = inputs.recv() => match input {
+                    Some(Input::Result { result, done }) => {
+                        self.handle_results(*result, done, &mut inputs);
+                    }
                     Some(input) => self.handle(input),
                     None => return Ok(()),
                 },
@@ -386,10 +392,42 @@ impl Engine {
         }
     }
 
+    /// A result, and every result already waiting behind it: one transaction for all.
+    fn handle_results(
+        &mut self,
+        first: DeployResult,
+        done: oneshot::Sender<bool>,
+        inputs: &mut mpsc::Receiver<Input>,
+    ) {
+        let mut results = vec![first];
+        let mut dones = vec![done];
+        let mut next = None;
+        while results.len() < MAX_RESULT_GROUP {
+            match inputs.try_recv() {
+                Ok(Input::Result { result, done }) => {
+                    results.push(*result);
+                    dones.push(done);
+                }
+                Ok(other) => {
+                    next = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let ok = tokio::task::block_in_place(|| self.on_results(results));
+        for done in dones {
+            let _ = done.send(ok);
+        }
+        if let Some(input) = next {
+            self.handle(input);
+        }
+    }
+
     fn handle(&mut self, input: Input) {
         match input {
             Input::Result { result, done } => {
-                let ok = tokio::task::block_in_place(|| self.on_result(*result));
+                let ok = tokio::task::block_in_place(|| self.on_results(vec![*result]));
                 let _ = done.send(ok);
             }
             Input::Build { id, event, done } => {
@@ -441,22 +479,44 @@ impl Engine {
         dispatches: Vec<Dispatch>,
         extra: impl FnOnce(&Tx<'_>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let Some(r) = self.rollouts.get(&id) else {
-            return Ok(());
-        };
+        self.commit_many(vec![(id, dispatches)], extra)
+    }
+
+    /// Writes the rollouts and their new signed commands (and `extra`) in one transaction,
+    /// then sends the commands: nothing is sent that is not on disk first. One fsync for
+    /// however many rollouts changed (results that arrived together share it).
+    fn commit_many(
+        &mut self,
+        changes: Vec<(i64, Vec<Dispatch>)>,
+        extra: impl FnOnce(&Tx<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let changes: Vec<(i64, Vec<Dispatch>)> = changes
+            .into_iter()
+            .filter(|(id, _)| self.rollouts.contains_key(id))
+            .collect();
         let mut fresh = Vec::new();
-        for d in dispatches.iter().filter(|d| !d.resend) {
-            let command = command_for(r, d);
-            let message = self.key.command_message("conductor", &command);
-            match message.encode() {
-                Ok(bytes) => fresh.push((d.command, r.hosts[d.host].host.clone(), bytes)),
-                Err(e) => tracing::error!(error = %e, "cannot encode a command"),
+        for (id, dispatches) in &changes {
+            let Some(r) = self.rollouts.get(id) else {
+                continue;
+            };
+            for d in dispatches.iter().filter(|d| !d.resend) {
+                let command = command_for(r, d);
+                let message = self.key.command_message("conductor", &command);
+                match message.encode() {
+                    Ok(bytes) => fresh.push((*id, d.command, r.hosts[d.host].host.clone(), bytes)),
+                    Err(e) => tracing::error!(error = %e, "cannot encode a command"),
+                }
             }
         }
+        let rollouts = &self.rollouts;
         let result = self.store.write(|tx| {
-            tx.save_rollout(r)?;
-            for (cmd, host, bytes) in &fresh {
-                tx.insert_command(*cmd, Some(id), host.as_str(), bytes)?;
+            for (id, _) in &changes {
+                if let Some(r) = rollouts.get(id) {
+                    tx.save_rollout(r)?;
+                }
+            }
+            for (id, cmd, host, bytes) in &fresh {
+                tx.insert_command(*cmd, Some(*id), host.as_str(), bytes)?;
             }
             extra(tx)
         });
@@ -465,35 +525,39 @@ impl Engine {
                 .metrics
                 .store_errors
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::error!(rollout = id, error = %e, "cannot write to the store; nothing was sent");
-            match self.store.rollout(id) {
-                Ok(Some(saved)) => {
-                    self.rollouts.insert(id, saved);
-                }
-                _ => {
-                    self.rollouts.remove(&id);
+            for (id, _) in &changes {
+                tracing::error!(rollout = id, error = %e, "cannot write to the store; nothing was sent");
+                match self.store.rollout(*id) {
+                    Ok(Some(saved)) => {
+                        self.rollouts.insert(*id, saved);
+                    }
+                    _ => {
+                        self.rollouts.remove(id);
+                    }
                 }
             }
             return Err(e);
         }
-        for (_, host, bytes) in fresh {
+        for (_, _, host, bytes) in fresh {
             self.send(host, bytes);
         }
-        self.send_all(
-            id,
-            &dispatches
-                .into_iter()
-                .filter(|d| d.resend)
-                .collect::<Vec<_>>(),
-        );
-        self.publish_summary(id);
-        if self
-            .rollouts
-            .get(&id)
-            .is_some_and(|r| r.state.is_terminal())
-            && let Some(r) = self.rollouts.remove(&id)
-        {
-            self.ended(r);
+        for (id, dispatches) in changes {
+            self.send_all(
+                id,
+                &dispatches
+                    .into_iter()
+                    .filter(|d| d.resend)
+                    .collect::<Vec<_>>(),
+            );
+            self.publish_summary(id);
+            if self
+                .rollouts
+                .get(&id)
+                .is_some_and(|r| r.state.is_terminal())
+                && let Some(r) = self.rollouts.remove(&id)
+            {
+                self.ended(r);
+            }
         }
         Ok(())
     }
@@ -637,63 +701,92 @@ impl Engine {
             .map(|r| r.id)
     }
 
-    fn on_result(&mut self, result: DeployResult) -> bool {
-        self.shared.metrics.results.fetch_add(1, Ordering::Relaxed);
-        match self.store.has_result(result.command_id) {
-            Ok(true) => {
+    /// Agents' results that arrived together: recorded in their rollouts, then one
+    /// transaction for all of them (results, rollouts, the next batches' commands), then
+    /// the next commands are sent. Duplicates (already stored, or twice in the group) are
+    /// counted and ignored.
+    fn on_results(&mut self, results: Vec<DeployResult>) -> bool {
+        let mut fresh: Vec<DeployResult> = Vec::with_capacity(results.len());
+        for result in results {
+            self.shared.metrics.results.fetch_add(1, Ordering::Relaxed);
+            let known = match self.store.has_result(result.command_id) {
+                Ok(known) => known,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the store");
+                    return false;
+                }
+            };
+            if known || fresh.iter().any(|f| f.command_id == result.command_id) {
                 self.shared
                     .metrics
                     .duplicate_results
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(command = %result.command_id, "duplicate result ignored");
-                return true;
+                continue;
             }
-            Ok(false) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the store");
-                return false;
-            }
+            fresh.push(result);
         }
-        let rollout = result
-            .rollout
-            .as_deref()
-            .and_then(|s| s.parse::<i64>().ok());
-        self.shared.emit(
-            "result",
-            json!({
-                "rollout": rollout, "host": result.host, "command": result.command_id,
-                "outcome": result.outcome, "rolled_back": result.rolled_back,
-                "error": result.error, "duration_ms": result.duration_ms,
-            }),
-        );
-        let report = HostReport::from(&result);
+        if fresh.is_empty() {
+            return true;
+        }
         let t = now();
-        if let Some(id) = rollout
-            && let Some(r) = self.rollouts.get_mut(&id)
-        {
-            let known = r.record(&report, t);
-            if !known {
-                tracing::debug!(rollout = id, command = %result.command_id, "stale or unknown result");
+        let mut touched: Vec<i64> = Vec::new();
+        // Results for rollouts that ended (aborted with hosts in flight): kept in the record.
+        let mut ended: BTreeMap<i64, Rollout> = BTreeMap::new();
+        let mut rows: Vec<(Option<i64>, &DeployResult)> = Vec::new();
+        for result in &fresh {
+            let rollout = result
+                .rollout
+                .as_deref()
+                .and_then(|s| s.parse::<i64>().ok());
+            self.shared.emit(
+                "result",
+                json!({
+                    "rollout": rollout, "host": result.host, "command": result.command_id,
+                    "outcome": result.outcome, "rolled_back": result.rolled_back,
+                    "error": result.error, "duration_ms": result.duration_ms,
+                }),
+            );
+            let report = HostReport::from(result);
+            rows.push((rollout, result));
+            match rollout {
+                Some(id) if self.rollouts.contains_key(&id) => {
+                    if let Some(r) = self.rollouts.get_mut(&id)
+                        && !r.record(&report, t)
+                    {
+                        tracing::debug!(rollout = id, command = %result.command_id, "stale or unknown result");
+                    }
+                    if !touched.contains(&id) {
+                        touched.push(id);
+                    }
+                }
+                Some(id) => {
+                    if !ended.contains_key(&id)
+                        && let Ok(Some(r)) = self.store.rollout(id)
+                    {
+                        ended.insert(id, r);
+                    }
+                    if let Some(r) = ended.get_mut(&id) {
+                        r.record(&report, t);
+                    }
+                }
+                None => {}
             }
-            let dispatches = r.tick(t);
-            return self
-                .commit(id, dispatches, |tx| {
-                    tx.insert_result(Some(id), &result).map(|_| ())
-                })
-                .is_ok();
         }
-        // A rollout that ended (aborted with hosts in flight): keep the outcome in its record.
-        let ended = rollout.and_then(|id| self.store.rollout(id).ok().flatten());
-        let written = self.store.write(|tx| {
-            tx.insert_result(rollout, &result)?;
-            if let Some(mut r) = ended
-                && r.record(&report, t)
-            {
-                tx.save_rollout(&r)?;
+        let changes: Vec<(i64, Vec<Dispatch>)> = touched
+            .into_iter()
+            .filter_map(|id| self.rollouts.get_mut(&id).map(|r| (id, r.tick(t))))
+            .collect();
+        self.commit_many(changes, |tx| {
+            for (rollout, result) in &rows {
+                tx.insert_result(*rollout, result)?;
+            }
+            for r in ended.values() {
+                tx.save_rollout(r)?;
             }
             Ok(())
-        });
-        written.is_ok()
+        })
+        .is_ok()
     }
 
     // ----- operators' requests ----------------------------------------------------------
