@@ -4,7 +4,8 @@
 //! The loop (re)connects with backoff, re-declares the exchange and its queue, sets the
 //! prefetch, and consumes. When the channel or connection dies, unacked deliveries go back
 //! to the queue and come again (`redelivered`); delivery tags of the dead channel are never
-//! used again. Deliveries are handled one at a time, in queue order.
+//! used again. Deliveries are handled one at a time, in queue order, unless the consumer is
+//! made [`Consumer::concurrent`].
 
 use crate::backoff::Backoff;
 use crate::connection::Bus;
@@ -109,6 +110,41 @@ fn fingerprint(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
+/// A delivery admitted for its handler.
+struct Work {
+    delivery: Delivery,
+    id: Uuid,
+    print: u64,
+    incoming: Incoming,
+}
+
+/// A delivery and what its handler decided.
+struct Done {
+    delivery: Delivery,
+    id: Uuid,
+    print: u64,
+    disposition: Disposition,
+}
+
+impl Work {
+    async fn run<H: Handler>(self, handler: &H) -> Done {
+        let count = delivery_count(&self.delivery);
+        let disposition = handler.handle(self.incoming).await;
+        if disposition == Disposition::Retry {
+            // Back off as the deliveries add up (1 s, 2 s, 4 s … 30 s): a transient fault
+            // (disk full, database busy) is waited out rather than spun on.
+            let count = count.clamp(0, 5) as u32;
+            tokio::time::sleep(Duration::from_secs(2u64.pow(count).min(30))).await;
+        }
+        Done {
+            delivery: self.delivery,
+            id: self.id,
+            print: self.print,
+            disposition,
+        }
+    }
+}
+
 /// Consumes one queue until cancelled, surviving broker restarts.
 pub struct Consumer {
     bus: Bus,
@@ -116,6 +152,10 @@ pub struct Consumer {
     dead: Publisher,
     seen: Option<Seen>,
     tag: String,
+    /// Deliveries handled at once (1: one at a time, in queue order).
+    concurrency: usize,
+    /// Ids being handled now, with their fingerprint (de-duplicating consumers only).
+    handling: HashMap<Uuid, u64>,
 }
 
 impl Consumer {
@@ -133,7 +173,18 @@ impl Consumer {
             spec,
             seen: Some(Seen::new(100_000)),
             tag,
+            concurrency: 1,
+            handling: HashMap::new(),
         }
+    }
+
+    /// Handles up to `n` deliveries at once (at most the prefetch). Outcomes may then come
+    /// out of queue order; a handler that gathers work (the conductor's engine commits the
+    /// results waiting together in one transaction) sees several at a time. An id already
+    /// being handled is held back until the first outcome (same bytes: a duplicate).
+    pub fn concurrent(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
     }
 
     /// Hands duplicates to the handler too. For handlers that keep their own durable journal
@@ -250,10 +301,18 @@ impl Consumer {
         let liveness =
             Duration::from_secs(u64::from(self.bus.config().tuning.heartbeat_s.clamp(1, 30)));
         tracing::info!(queue = %self.spec.name, "consuming");
+        let limit = self.concurrency.min(usize::from(prefetch.max(1)));
+        // Whatever a dead channel had in hand comes again: it is not being handled now.
+        self.handling.clear();
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
         loop {
             let next = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
+                    // What is being handled finishes (and is acked) before the channel closes.
+                    while let Some(done) = inflight.next().await {
+                        let _ = self.settle(done).await;
+                    }
                     let stop = async {
                         let _ = channel.basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default()).await;
                         let _ = channel.close(200, "shutting down".into()).await;
@@ -261,7 +320,14 @@ impl Consumer {
                     let _ = tokio::time::timeout(Duration::from_secs(2), stop).await;
                     return Ok(());
                 }
-                next = consumer.next() => next,
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    if let Err(e) = self.settle(done).await {
+                        self.bus.discard(&conn).await;
+                        return Err(e);
+                    }
+                    continue;
+                }
+                next = consumer.next(), if inflight.len() < limit => next,
                 // A stream can outlive its connection without ending (seen after a broker
                 // restart): check the channel now and then, and start over if it is dead.
                 _ = tokio::time::sleep(liveness) => {
@@ -282,37 +348,56 @@ impl Consumer {
                     });
                 }
                 Some(Ok(delivery)) => {
-                    if let Err(e) = self.process(handler, delivery).await {
-                        self.bus.discard(&conn).await;
-                        return Err(e);
+                    let admitted = match self.admit(delivery).await {
+                        Ok(admitted) => admitted,
+                        Err(e) => {
+                            self.bus.discard(&conn).await;
+                            return Err(e);
+                        }
+                    };
+                    let Some(work) = admitted else { continue };
+                    if limit == 1 {
+                        let done = work.run(handler).await;
+                        if let Err(e) = self.settle(done).await {
+                            self.bus.discard(&conn).await;
+                            return Err(e);
+                        }
+                    } else {
+                        inflight.push(work.run(handler));
                     }
                 }
             }
         }
     }
 
-    async fn process<H: Handler>(
-        &mut self,
-        handler: &H,
-        delivery: Delivery,
-    ) -> Result<(), BusError> {
+    /// Checks a delivery before its handler sees it: undecodable, replayed, duplicate or
+    /// poison deliveries are settled here (`None`); the rest are work for the handler.
+    async fn admit(&mut self, delivery: Delivery) -> Result<Option<Work>, BusError> {
         let message = match Message::decode(&delivery.data) {
             Ok(m) => m,
-            Err(rejection) => return self.dead_letter(&delivery, rejection, None).await,
+            Err(rejection) => {
+                return self
+                    .dead_letter(&delivery, rejection, None)
+                    .await
+                    .map(|_| None);
+            }
         };
         let print = fingerprint(&delivery.data);
-        if let Some(seen) = &self.seen
-            && let Some(known) = seen.get(&message.id)
-        {
+        let known = self.seen.as_ref().and_then(|seen| seen.get(&message.id));
+        let handling = self.handling.get(&message.id).copied();
+        if let Some(known) = known.or(handling) {
             if known == print {
                 tracing::debug!(id = %message.id, "duplicate delivery skipped");
-                return ack(&delivery).await;
+                return ack(&delivery).await.map(|_| None);
             }
             let rejection = Rejection::new(
                 RejectionCode::Replayed,
                 format!("id {} was already used by a different message", message.id),
             );
-            return self.dead_letter(&delivery, rejection, None).await;
+            return self
+                .dead_letter(&delivery, rejection, None)
+                .await
+                .map(|_| None);
         }
         if delivery_count(&delivery) >= POISON_DELIVERIES {
             let rejection = Rejection::new(
@@ -321,16 +406,39 @@ impl Consumer {
                     "delivered {POISON_DELIVERIES} times without an outcome (its consumer keeps failing on it)"
                 ),
             );
-            return self.dead_letter(&delivery, rejection, None).await;
+            return self
+                .dead_letter(&delivery, rejection, None)
+                .await
+                .map(|_| None);
         }
         let id = message.id;
+        if self.seen.is_some() {
+            self.handling.insert(id, print);
+        }
         let incoming = Incoming {
             message,
             routing_key: delivery.routing_key.to_string(),
             redelivered: delivery.redelivered,
             raw: delivery.data.clone(),
         };
-        match handler.handle(incoming).await {
+        Ok(Some(Work {
+            delivery,
+            id,
+            print,
+            incoming,
+        }))
+    }
+
+    /// Acts on a handler's outcome: ack, dead-letter, or requeue.
+    async fn settle(&mut self, done: Done) -> Result<(), BusError> {
+        let Done {
+            delivery,
+            id,
+            print,
+            disposition,
+        } = done;
+        self.handling.remove(&id);
+        match disposition {
             // The effect happened whether or not the ack reaches the broker: remember the id
             // first, so a redelivery after a lost ack is recognised.
             Disposition::Ack => {
@@ -344,10 +452,6 @@ impl Consumer {
                     .await
             }
             Disposition::Retry => {
-                // Back off as the deliveries add up (1 s, 2 s, 4 s … 30 s): a transient fault
-                // (disk full, database busy) is waited out rather than spun on.
-                let count = delivery_count(&delivery).clamp(0, 5) as u32;
-                tokio::time::sleep(Duration::from_secs(2u64.pow(count).min(30))).await;
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,

@@ -121,3 +121,87 @@ async fn an_unreachable_broker_fails_within_the_budget() -> anyhow::Result<()> {
     assert!(err.to_string().contains("connect"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_concurrent_consumer_handles_several_at_once_each_once() -> anyhow::Result<()> {
+    let tb = TestBus::new();
+    let bus = Bus::new(tb.config(), "concurrent")?;
+    let spec = QueueSpec::new(tb.queue("q"), vec!["push.web".into()]);
+    let consumer = Consumer::new(bus.clone(), spec).concurrent(8);
+    consumer.declare().await?;
+
+    let publisher = Publisher::new(bus.clone());
+    let sent: Vec<Message> = (0..40).map(|n| push("web", n)).collect();
+    for m in &sent {
+        publisher
+            .publish(&Outgoing::message(m)?, Retry::once())
+            .await?;
+    }
+    // The same message twice more, published while the first copy may be in hand.
+    for _ in 0..2 {
+        publisher
+            .publish(&Outgoing::message(&sent[39])?, Retry::once())
+            .await?;
+    }
+
+    // (messages handled, handlers running now, most running at once)
+    let state = Arc::new(Mutex::new((Vec::new(), 0usize, 0usize)));
+    let cancel = CancellationToken::new();
+    let retried = sent[5].id;
+    let handler = {
+        let state = state.clone();
+        move |incoming: Incoming| {
+            let state = state.clone();
+            async move {
+                {
+                    let mut s = state.lock().unwrap();
+                    s.1 += 1;
+                    s.2 = s.2.max(s.1);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let mut s = state.lock().unwrap();
+                s.1 -= 1;
+                s.0.push(incoming.message.id);
+                // The first try of message 5 fails transiently: it comes again.
+                if incoming.message.id == retried && !incoming.redelivered {
+                    s.0.pop();
+                    return Disposition::Retry;
+                }
+                Disposition::Ack
+            }
+        }
+    };
+    let ids: Vec<uuid::Uuid> = sent.iter().map(|m| m.id).collect();
+    let task = {
+        let cancel = cancel.clone();
+        async move { consumer.run(&handler, cancel).await }
+    };
+    let watch = async {
+        wait_until(Duration::from_secs(20), "40 messages handled", || {
+            let n = state.lock().unwrap().0.len();
+            async move { (n >= 40).then_some(()) }
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel();
+        anyhow::Ok(())
+    };
+    let (ran, watched) = tokio::join!(task, watch);
+    ran?;
+    watched?;
+    let (got, running, most) = state.lock().unwrap().clone();
+    let mut sorted = got.clone();
+    sorted.sort();
+    let mut want = ids;
+    want.sort();
+    assert_eq!(
+        sorted, want,
+        "each message handled to an ack once, the retried one too"
+    );
+    assert_eq!(running, 0);
+    assert!(
+        (2..=8).contains(&most),
+        "handled several at once, never more than asked: {most}"
+    );
+    Ok(())
+}

@@ -85,7 +85,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let publisher = Arc::new(Publisher::new(bus.clone()));
 
     // Declare our queues before saying ready: agents drop events nobody is bound to.
-    let events = Consumer::new(bus.clone(), intake::events_queue(bus.exchange()));
+    // Results of a batch arrive together: handled at once, the engine commits them in one
+    // transaction (group commit) instead of one fsync each.
+    let events = Consumer::new(bus.clone(), intake::events_queue(bus.exchange())).concurrent(32);
     let beats = Consumer::new(bus.clone(), intake::heartbeat_queue(bus.exchange()));
     loop {
         match async { events.declare().await.and(beats.declare().await) }.await {
