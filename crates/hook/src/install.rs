@@ -47,12 +47,14 @@ pub fn install(
         }
     }
     let quote = |p: &Path| shell_quote(&p.to_string_lossy());
-    let mut args = String::from("post-receive");
+    // `--config` belongs to convoy-hook itself, before the subcommand.
+    let mut args = String::new();
+    if let Some(config) = config {
+        args.push_str(&format!("--config {} ", quote(config)));
+    }
+    args.push_str("post-receive");
     if let Some(name) = name {
         args.push_str(&format!(" --repo {}", shell_quote(name)));
-    }
-    if let Some(config) = config {
-        args.push_str(&format!(" --config {}", quote(config)));
     }
     let script = format!(
         "#!/bin/sh\n{MARKER}: announces pushes on the convoy bus. It never fails a push.\n\

@@ -226,3 +226,52 @@ fn install_chains_an_existing_hook() -> anyhow::Result<()> {
     assert!(std::fs::read_to_string(&marker)?.contains("refs/heads/main"));
     Ok(())
 }
+
+#[tokio::test]
+async fn an_installed_hook_reads_the_config_file_it_was_installed_with() -> anyhow::Result<()> {
+    let tb = TestBus::new();
+    let dir = tempfile::tempdir()?;
+    let bare = dir.path().join("central.git");
+    git::init_bare(&bare)?;
+    let config = dir.path().join("hook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "amqp_url = \"{}\"\nexchange = \"{}\"\nspool_dir = \"{}\"\n",
+            tb.url,
+            tb.exchange,
+            dir.path().join("spool").display()
+        ),
+    )?;
+    let out = Command::new(HOOK)
+        .arg("--config")
+        .arg(&config)
+        .arg("install")
+        .arg(&bare)
+        .args(["--name", "storefront"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let repo = Repo {
+        work: dir.path().join("work"),
+        dir,
+    };
+    git::init(&repo.work)?;
+    git(
+        &repo.work,
+        &["remote", "add", "origin", bare.to_str().unwrap_or_default()],
+    )?;
+    let mut tap = tb.tap(&["push.#"]).await?;
+    git::commit_file(&repo.work, "a.txt", "1", "first")?;
+    // No CONVOY_* in the environment: the broker and the exchange come from the file.
+    let (_, stderr) = push(&repo, &[], &["-q", "origin", "main"])?;
+    let (key, e, _) = next_push(&mut tap)
+        .await
+        .map_err(|err| anyhow::anyhow!("{err}; the push said: {stderr}"))?;
+    assert_eq!(key, "push.storefront");
+    assert_eq!(e.git_ref.as_str(), "refs/heads/main");
+    Ok(())
+}
