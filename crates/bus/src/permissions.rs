@@ -21,7 +21,10 @@
 use convoy_message::names::HostName;
 use convoy_message::routing::queue;
 
-/// Who connects to the broker.
+/// Who connects to the broker. The three host daemons get a user each: they run as
+/// different system users (the agent as root, the fetcher — which talks to git servers —
+/// and the heartbeat unprivileged), so a compromised fetcher must not be able to read its
+/// host's commands or report deploys that never happened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Role {
     /// The coordinator: consumes every event and heartbeat, sends commands to every host.
@@ -30,9 +33,14 @@ pub enum Role {
     Hook,
     /// `convoy-ci` (bridge and `notify`): consumes pushes, publishes build events.
     Ci,
-    /// One host's agent, fetcher and heartbeat: its own command and fetcher queues, and
-    /// events about itself only.
-    Host(HostName),
+    /// One host's agent: its own command queue; progress, results and inventories about
+    /// itself.
+    Agent(HostName),
+    /// One host's fetcher: its own fetcher queue (bound to push keys); fetch reports about
+    /// itself.
+    Fetcher(HostName),
+    /// One host's heartbeat: its own heartbeats.
+    Heartbeat(HostName),
 }
 
 /// One user's permissions, as `rabbitmqctl set_permissions` and `set_topic_permissions`
@@ -52,31 +60,53 @@ pub struct Grants {
 pub const NOTHING: &str = "^$";
 
 impl Role {
-    /// `conductor`, `hook`, `ci` or `host`.
+    /// The roles of one host's daemons.
+    pub fn host(host: &HostName) -> [Role; 3] {
+        [
+            Role::Agent(host.clone()),
+            Role::Fetcher(host.clone()),
+            Role::Heartbeat(host.clone()),
+        ]
+    }
+
+    /// `conductor`, `hook`, `ci`, `agent`, `fetcher` or `heartbeat`.
     pub fn kind(&self) -> &'static str {
         match self {
             Role::Conductor => "conductor",
             Role::Hook => "hook",
             Role::Ci => "ci",
-            Role::Host(_) => "host",
+            Role::Agent(_) => "agent",
+            Role::Fetcher(_) => "fetcher",
+            Role::Heartbeat(_) => "heartbeat",
         }
     }
 
-    /// The broker user name: `<prefix>conductor`, …, `<prefix>host-<host>`.
+    /// The host of a host daemon's role.
+    pub fn host_name(&self) -> Option<&HostName> {
+        match self {
+            Role::Agent(h) | Role::Fetcher(h) | Role::Heartbeat(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The broker user name: `<prefix>conductor`, `<prefix>hook`, `<prefix>ci`,
+    /// `<prefix>agent-<host>`, `<prefix>fetcher-<host>`, `<prefix>heartbeat-<host>`.
     pub fn user(&self, prefix: &str) -> String {
-        match self {
-            Role::Host(host) => format!("{prefix}host-{host}"),
-            other => format!("{prefix}{}", other.kind()),
+        match self.host_name() {
+            Some(host) => format!("{prefix}{}-{host}", self.kind()),
+            None => format!("{prefix}{}", self.kind()),
         }
     }
 
-    /// The daemons that log in as this user.
-    pub fn daemons(&self) -> &'static [&'static str] {
+    /// The daemon that logs in as this user.
+    pub fn daemon(&self) -> &'static str {
         match self {
-            Role::Conductor => &["convoy-conductor"],
-            Role::Hook => &["convoy-hook"],
-            Role::Ci => &["convoy-ci"],
-            Role::Host(_) => &["convoy-agent", "convoy-fetcher", "convoy-heartbeat"],
+            Role::Conductor => "convoy-conductor",
+            Role::Hook => "convoy-hook",
+            Role::Ci => "convoy-ci",
+            Role::Agent(_) => "convoy-agent",
+            Role::Fetcher(_) => "convoy-fetcher",
+            Role::Heartbeat(_) => "convoy-heartbeat",
         }
     }
 
@@ -84,6 +114,15 @@ impl Role {
     pub fn grants(&self, exchange: &str) -> Grants {
         let ex = escape(exchange);
         let dead = escape(&queue::dead(exchange));
+        // A consumer: declares and binds its own queue, consumes it, copies refused
+        // messages to the dead-letter exchange.
+        let consumer = |own: &str, topic_write: String, topic_read: String| Grants {
+            configure: format!("^{own}$"),
+            write: format!("^({ex}|{dead}|{own})$"),
+            read: format!("^({ex}|{own})$"),
+            topic_write,
+            topic_read,
+        };
         match self {
             Role::Conductor => {
                 let events = escape(&queue::conductor(exchange));
@@ -107,30 +146,34 @@ impl Role {
                 topic_write: "^push\\.[^.]+$".into(),
                 topic_read: NOTHING.into(),
             },
-            Role::Ci => {
-                let ci = escape(&queue::ci(exchange));
-                Grants {
-                    configure: format!("^{ci}$"),
-                    write: format!("^({ex}|{dead}|{ci})$"),
-                    read: format!("^({ex}|{ci})$"),
-                    topic_write: "^build\\.[^.]+\\.[^.]+$".into(),
-                    topic_read: "^push\\.#$".into(),
-                }
-            }
-            Role::Host(host) => {
+            Role::Ci => consumer(
+                &escape(&queue::ci(exchange)),
+                "^build\\.[^.]+\\.[^.]+$".into(),
+                "^push\\.#$".into(),
+            ),
+            Role::Agent(host) => {
                 let word = escape(&host.routing_word());
-                let commands = escape(&queue::commands(exchange, host));
-                let fetcher = escape(&queue::fetcher(exchange, host));
-                Grants {
-                    configure: format!("^({commands}|{fetcher})$"),
-                    write: format!("^({ex}|{dead}|{commands}|{fetcher})$"),
-                    read: format!("^({ex}|{commands}|{fetcher})$"),
-                    topic_write: format!(
-                        "^(deploy\\.[^.]+\\.{word}\\.[^.]+|inventory\\.{word}|heartbeat\\.{word}|fetch\\.[^.]+\\.{word})$"
-                    ),
-                    topic_read: format!("^(cmd\\.{word}|push\\.[^.]+)$"),
-                }
+                consumer(
+                    &escape(&queue::commands(exchange, host)),
+                    format!("^(deploy\\.[^.]+\\.{word}\\.[^.]+|inventory\\.{word})$"),
+                    format!("^cmd\\.{word}$"),
+                )
             }
+            Role::Fetcher(host) => {
+                let word = escape(&host.routing_word());
+                consumer(
+                    &escape(&queue::fetcher(exchange, host)),
+                    format!("^fetch\\.[^.]+\\.{word}$"),
+                    "^push\\.[^.]+$".into(),
+                )
+            }
+            Role::Heartbeat(host) => Grants {
+                configure: NOTHING.into(),
+                write: format!("^{ex}$"),
+                read: NOTHING.into(),
+                topic_write: format!("^heartbeat\\.{}$", escape(&host.routing_word())),
+                topic_read: NOTHING.into(),
+            },
         }
     }
 }
@@ -152,25 +195,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_host_gets_its_own_queues_and_keys_only() {
+    fn each_host_daemon_gets_its_own_queue_and_keys_only() {
         let host = HostName::new("web-1.dc1").unwrap();
-        let role = Role::Host(host);
-        assert_eq!(role.user("convoy-"), "convoy-host-web-1.dc1");
-        let g = role.grants("convoy");
+        let [agent, fetcher, heartbeat] = Role::host(&host);
+        assert_eq!(agent.user("convoy-"), "convoy-agent-web-1.dc1");
+        let g = agent.grants("convoy");
+        assert_eq!(g.configure, r"^convoy\.cmd\.web-1_dc1$");
+        assert_eq!(g.write, r"^(convoy|convoy\.dead|convoy\.cmd\.web-1_dc1)$");
+        assert_eq!(g.read, r"^(convoy|convoy\.cmd\.web-1_dc1)$");
         assert_eq!(
-            g.configure,
-            r"^(convoy\.cmd\.web-1_dc1|convoy\.fetcher\.web-1_dc1)$"
+            g.topic_write,
+            r"^(deploy\.[^.]+\.web-1_dc1\.[^.]+|inventory\.web-1_dc1)$"
         );
-        assert_eq!(
-            g.write,
-            r"^(convoy|convoy\.dead|convoy\.cmd\.web-1_dc1|convoy\.fetcher\.web-1_dc1)$"
-        );
-        assert_eq!(
-            g.read,
-            r"^(convoy|convoy\.cmd\.web-1_dc1|convoy\.fetcher\.web-1_dc1)$"
-        );
-        assert!(g.topic_write.contains(r"deploy\.[^.]+\.web-1_dc1\.[^.]+"));
-        assert!(g.topic_read.contains(r"cmd\.web-1_dc1"));
+        assert_eq!(g.topic_read, r"^cmd\.web-1_dc1$");
+        let f = fetcher.grants("convoy");
+        assert_eq!(f.configure, r"^convoy\.fetcher\.web-1_dc1$");
+        assert_eq!(f.topic_write, r"^fetch\.[^.]+\.web-1_dc1$");
+        let h = heartbeat.grants("convoy");
+        assert_eq!((h.configure.as_str(), h.read.as_str()), (NOTHING, NOTHING));
+        assert_eq!(h.topic_write, r"^heartbeat\.web-1_dc1$");
     }
 
     #[test]

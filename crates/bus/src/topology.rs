@@ -166,6 +166,11 @@ pub async fn ensure_shared(
         declare_dead_queue(&channel, exchange).await?;
     }
     let _ = channel.close(200, "declared".into()).await;
+    tracing::info!(
+        %exchange,
+        "declared the exchanges{} (missing: the broker's NOT_FOUND just logged answered the check)",
+        if with_dead_queue { " and the dead-letter queue" } else { "" }
+    );
     Ok(())
 }
 

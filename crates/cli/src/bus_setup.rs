@@ -1,27 +1,26 @@
 //! `convoy bus setup`: declares convoy's broker objects and creates one broker user per
-//! role (conductor, hook, ci) and per host, each with the narrowest permissions
-//! ([`convoy_bus::permissions`]), and prints the credentials to hand out.
+//! role (conductor, hook, ci) and per host daemon (agent, fetcher, heartbeat), each with the
+//! narrowest permissions ([`convoy_bus::permissions`]), and prints the credentials to hand
+//! out.
 //!
 //! The exchanges and queues are declared over AMQP as an administrator, with the same
 //! [`convoy_bus::topology`] code the daemons use, so names and arguments never drift.
-//! Virtual hosts, users and permissions go through `rabbitmqctl` (no management plugin).
-//! Running it again changes nothing but the permissions, which it sets again: existing
-//! users keep their passwords unless `--rotate`.
+//! Virtual hosts, users and permissions go through `rabbitmqctl` (no management plugin):
+//! one `export_definitions` to see what exists, one `import_definitions` to add what is
+//! missing or different.
+//! Running it again changes nothing that is right already: existing users keep their
+//! passwords unless `--rotate`, and permissions are set only where they differ.
 
 use crate::amqp_url::AmqpUrl;
-use crate::rabbitmqctl::Rabbitmqctl;
+use crate::rabbitmqctl::{Rabbitmqctl, password_hash};
 use anyhow::Context;
 use convoy_bus::permissions::{Grants, Role};
 use convoy_bus::{Bus, BusConfig, DEFAULT_AMQP_URL, DEFAULT_EXCHANGE, QueueSpec, topology};
 use convoy_message::names::{HostName, Name};
 use serde::Serialize;
+use serde_json::json;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// Users set up at the same time.
-const PARALLEL_USERS: usize = 4;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SetupArgs {
@@ -72,12 +71,18 @@ pub struct Report {
 #[derive(Debug, Serialize)]
 pub struct UserReport {
     pub user: String,
-    /// `conductor`, `hook`, `ci` or `host`.
+    /// `conductor`, `hook`, `ci`, `agent`, `fetcher` or `heartbeat`.
     pub role: &'static str,
+    /// The host of an agent, fetcher or heartbeat.
     pub host: Option<String>,
-    pub daemons: &'static [&'static str],
+    /// The daemon that logs in as this user.
+    pub daemon: &'static str,
+    /// Its config file.
+    pub config: &'static str,
     /// `created`, `rotated` (new password) or `kept` (password unchanged, not shown).
     pub status: &'static str,
+    /// Whether its permissions were set now (false: they were right already).
+    pub permissions_set: bool,
     pub password: Option<String>,
     /// The daemons' `amqp_url`, when the password is known.
     pub amqp_url: Option<String>,
@@ -147,7 +152,7 @@ fn plan(args: &SetupArgs) -> Result<Plan, BadUsage> {
             ))
         })?;
         if seen.insert(host.routing_word()) {
-            roles.push(Role::Host(host));
+            roles.extend(Role::host(&host));
         }
     }
     let public = match &args.broker_url {
@@ -206,22 +211,25 @@ pub fn read_conductor_config(path: &Path) -> anyhow::Result<(Vec<String>, Option
 pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
     let plan = plan(args)?;
     let ctl = Rabbitmqctl::new(&args.rabbitmqctl, args.node.clone())?;
+    let before = ctl.definitions()?;
+    let admin = plan.admin.user.clone().unwrap_or_else(|| "guest".into());
 
-    let vhost_created = if ctl.vhosts()?.contains(&plan.vhost) {
-        false
-    } else {
-        ctl.add_vhost(&plan.vhost)?;
-        // The administrator declares the topology next: it needs rights in the new vhost.
-        let admin = plan.admin.user.clone().unwrap_or_else(|| "guest".into());
-        ctl.grant_all(&plan.vhost, &admin)?;
-        true
-    };
+    // 1. The virtual host, and rights in it for the administrator who declares next.
+    let vhost_created = !before.has_vhost(&plan.vhost);
+    if vhost_created {
+        ctl.import(&json!({
+            "vhosts": [{ "name": plan.vhost }],
+            "permissions": [{ "user": admin, "vhost": plan.vhost,
+                              "configure": ".*", "write": ".*", "read": ".*" }],
+        }))?;
+    }
 
+    // 2. The exchanges and queues, over AMQP, before any user exists that needs them.
     let hosts: Vec<HostName> = plan
         .roles
         .iter()
         .filter_map(|r| match r {
-            Role::Host(h) => Some(h.clone()),
+            Role::Agent(h) => Some(h.clone()),
             _ => None,
         })
         .collect();
@@ -234,40 +242,69 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
         .with_context(|| {
             format!(
                 "declaring the exchanges and queues as {} (that user needs configure, write \
-                 and read on vhost {:?}: `rabbitmqctl set_permissions -p {} {} '.*' '.*' '.*'`)",
+                 and read on vhost {:?}: `rabbitmqctl set_permissions -p {} {admin} '.*' '.*' '.*'`)",
                 plan.admin.redacted(),
                 plan.vhost,
                 plan.vhost,
-                plan.admin.user.as_deref().unwrap_or("guest"),
             )
         })?;
 
-    let existing: BTreeSet<String> = ctl.users()?.into_iter().collect();
-    // Each rabbitmqctl call starts an Erlang VM (about half a second): users are made a few
-    // at a time, each user's calls in order.
-    let next = AtomicUsize::new(0);
-    let done: Mutex<Vec<Option<anyhow::Result<UserReport>>>> =
-        Mutex::new(plan.roles.iter().map(|_| None).collect());
-    std::thread::scope(|scope| {
-        for _ in 0..PARALLEL_USERS.min(plan.roles.len()) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(role) = plan.roles.get(i) else { break };
-                    let result = set_up_user(&ctl, &plan, args, role, &existing);
-                    if let Ok(mut done) = done.lock() {
-                        done[i] = Some(result);
-                    }
-                }
-            });
+    // 3. The users and their permissions, in one import: what is missing or different.
+    let mut users = Vec::new();
+    let mut new_users = Vec::new();
+    let mut permissions = Vec::new();
+    let mut topic_permissions = Vec::new();
+    for role in &plan.roles {
+        let user = role.user(&args.user_prefix);
+        let (status, password) = if !before.has_user(&user) {
+            ("created", Some(crate::secret::random_hex(24)?))
+        } else if args.rotate {
+            ("rotated", Some(crate::secret::random_hex(24)?))
+        } else {
+            ("kept", None)
+        };
+        if let Some(p) = &password {
+            new_users.push(json!({
+                "name": user,
+                "password_hash": password_hash(p)?,
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": [],
+            }));
         }
-    });
-    let users = done
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner())
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a user was not set up"))))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        let grants = role.grants(&plan.exchange);
+        let set_now = !before.grants_match(&plan.vhost, &user, &plan.exchange, &grants);
+        if set_now {
+            permissions.push(json!({
+                "user": user, "vhost": plan.vhost,
+                "configure": grants.configure, "write": grants.write, "read": grants.read,
+            }));
+            topic_permissions.push(json!({
+                "user": user, "vhost": plan.vhost, "exchange": plan.exchange,
+                "write": grants.topic_write, "read": grants.topic_read,
+            }));
+        }
+        users.push(UserReport {
+            amqp_url: password
+                .as_ref()
+                .map(|p| plan.public.with_credentials(&user, p).to_string()),
+            user,
+            role: role.kind(),
+            host: role.host_name().map(|h| h.to_string()),
+            daemon: role.daemon(),
+            config: config_file(role),
+            status,
+            permissions_set: set_now,
+            password,
+            permissions: grants,
+        });
+    }
+    if !new_users.is_empty() || !permissions.is_empty() {
+        ctl.import(&json!({
+            "users": new_users,
+            "permissions": permissions,
+            "topic_permissions": topic_permissions,
+        }))?;
+    }
     Ok(Report {
         vhost: plan.vhost,
         vhost_created,
@@ -281,48 +318,21 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
     })
 }
 
-/// Creates (or keeps, or rotates) one role's user and sets its permissions.
-fn set_up_user(
-    ctl: &Rabbitmqctl,
-    plan: &Plan,
-    args: &SetupArgs,
-    role: &Role,
-    existing: &BTreeSet<String>,
-) -> anyhow::Result<UserReport> {
-    let user = role.user(&args.user_prefix);
-    let (status, password) = if !existing.contains(&user) {
-        let password = crate::secret::random_hex(24)?;
-        ctl.add_user(&user, &password)?;
-        ("created", Some(password))
-    } else if args.rotate {
-        let password = crate::secret::random_hex(24)?;
-        ctl.change_password(&user, &password)?;
-        ("rotated", Some(password))
-    } else {
-        ("kept", None)
-    };
-    let grants = role.grants(&plan.exchange);
-    ctl.grant(&plan.vhost, &user, &plan.exchange, &grants)?;
-    Ok(UserReport {
-        amqp_url: password
-            .as_ref()
-            .map(|p| plan.public.with_credentials(&user, p).to_string()),
-        user,
-        role: role.kind(),
-        host: match role {
-            Role::Host(h) => Some(h.to_string()),
-            _ => None,
-        },
-        daemons: role.daemons(),
-        status,
-        password,
-        permissions: grants,
-    })
+/// Where the daemon of `role` reads its `amqp_url`.
+fn config_file(role: &Role) -> &'static str {
+    match role {
+        Role::Conductor => "/etc/convoy/conductor.toml",
+        Role::Hook => "/etc/convoy/hook.toml",
+        Role::Ci => "/etc/convoy/ci.toml",
+        Role::Agent(_) => "/etc/convoy/agent.toml",
+        Role::Fetcher(_) => "/etc/convoy/fetcher.toml",
+        Role::Heartbeat(_) => "/etc/convoy/heartbeat.toml",
+    }
 }
 
 /// Declares both exchanges, the dead-letter queue, the conductor's and the CI bridge's
 /// queues, and each host's command and fetcher queues. Returns the queue names.
-async fn declare_topology(
+pub async fn declare_topology(
     admin: &AmqpUrl,
     exchange: &str,
     hosts: &[HostName],
@@ -380,14 +390,15 @@ pub fn print(report: &Report) {
     println!("users (their permissions: docs/security.md, or --json):");
     for u in &report.users {
         let who = match &u.host {
-            Some(h) => format!("host {h}"),
+            Some(h) => format!("{} on {h}", u.role),
             None => u.role.to_owned(),
         };
-        let status = match u.status {
-            "kept" => "kept (password unchanged)",
-            other => other,
+        let status = match (u.status, u.permissions_set) {
+            ("kept", false) => "kept, permissions unchanged",
+            ("kept", true) => "kept, permissions set",
+            (other, _) => other,
         };
-        println!("  {:<40} {:<24} {status}", u.user, who);
+        println!("  {:<40} {:<28} {status}", u.user, who);
     }
     let handed: Vec<&UserReport> = report
         .users
@@ -398,22 +409,14 @@ pub fn print(report: &Report) {
         println!();
         println!("credentials to hand out (shown only now; keep them like any secret):");
         for u in handed {
-            let files = match u.role {
-                "conductor" => "/etc/convoy/conductor.toml on the conductor".to_owned(),
-                "hook" => {
-                    "/etc/convoy/hook.toml on the git server (and the webhook receiver)".to_owned()
-                }
-                "ci" => {
-                    "/etc/convoy/ci.toml on the CI bridge (and jobs running `convoy-ci notify`)"
-                        .to_owned()
-                }
-                _ => format!(
-                    "/etc/convoy/agent.toml, fetcher.toml and heartbeat.toml on {}",
-                    u.host.as_deref().unwrap_or("the host")
-                ),
+            let place = match (u.role, &u.host) {
+                (_, Some(h)) => format!("on {h}"),
+                ("hook", None) => "on the git server (and the webhook receiver)".to_owned(),
+                ("ci", None) => "on the CI bridge (and jobs running `convoy-ci notify`)".to_owned(),
+                _ => "on the conductor".to_owned(),
             };
             println!();
-            println!("  # {files}");
+            println!("  # {} {place}", u.config);
             println!("  amqp_url = \"{}\"", u.amqp_url.as_deref().unwrap_or(""));
             if report.exchange != DEFAULT_EXCHANGE {
                 println!("  exchange = \"{}\"", report.exchange);
@@ -458,8 +461,12 @@ mod tests {
                 "convoy-conductor",
                 "convoy-hook",
                 "convoy-ci",
-                "convoy-host-web1",
-                "convoy-host-web2.dc1"
+                "convoy-agent-web1",
+                "convoy-fetcher-web1",
+                "convoy-heartbeat-web1",
+                "convoy-agent-web2.dc1",
+                "convoy-fetcher-web2.dc1",
+                "convoy-heartbeat-web2.dc1",
             ]
         );
         assert_eq!(p.vhost, "/");
@@ -489,6 +496,6 @@ mod tests {
         a.conductor_config = Some(path);
         let p = plan(&a).unwrap();
         assert_eq!(p.exchange, "fleet");
-        assert_eq!(p.roles.len(), 3 + 4);
+        assert_eq!(p.roles.len(), 3 + 3 * 4);
     }
 }

@@ -10,6 +10,7 @@
 mod amqp_url;
 mod bus_setup;
 mod client;
+mod demo;
 mod output;
 mod rabbitmqctl;
 mod secret;
@@ -213,10 +214,10 @@ enum Command {
         #[arg(long, default_value = "deployer")]
         role: String,
     },
-    /// Hash a dashboard password (read from standard input) for the conductor's `[[users]]`.
+    /// Hash a dashboard password for the conductor's `[[users]]` (asked twice on a terminal,
+    /// else read as one line from standard input).
     Passwd {
         /// The login name.
-        #[arg(long)]
         name: String,
         #[arg(long, default_value = "deployer")]
         role: String,
@@ -224,6 +225,9 @@ enum Command {
         #[arg(long)]
         generate: bool,
     },
+    /// A whole fleet on this machine: broker, conductor, hosts, a git repository and a
+    /// release carried through staging, a manual gate and prod.
+    Demo(demo::DemoArgs),
     /// The broker: exchanges, queues, and least-privilege users.
     Bus {
         #[command(subcommand)]
@@ -407,6 +411,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo(args) => demo::run(&args).map_err(|e| Failure::Usage(format!("demo: {e:#}"))),
         Command::Passwd {
             name,
             role,
@@ -444,17 +449,7 @@ fn passwd(name: &str, role: &str, generate: bool, json_out: bool) -> Result<Exit
     let password = if generate {
         secret::random_hex(12).map_err(|e| Failure::Usage(e.to_string()))?
     } else {
-        let mut line = String::new();
-        std::io::stdin()
-            .read_line(&mut line)
-            .map_err(|e| Failure::Usage(format!("reading the password from stdin: {e}")))?;
-        let line = line.trim_end_matches(['\r', '\n']).to_owned();
-        if line.len() < 8 {
-            return Err(Failure::Usage(
-                "give a password of at least 8 characters on standard input, or --generate".into(),
-            ));
-        }
-        line
+        read_password().map_err(Failure::Usage)?
     };
     let hash = secret::hash_password(&password).map_err(|e| Failure::Usage(e.to_string()))?;
     if json_out {
@@ -471,6 +466,49 @@ fn passwd(name: &str, role: &str, generate: bool, json_out: bool) -> Result<Exit
         println!("[[users]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\nrole = \"{role}\"");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A password from the terminal (typed twice, not echoed) or one line of standard input.
+fn read_password() -> Result<String, String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    let read_line = || -> Result<String, String> {
+        let mut line = String::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| format!("reading the password: {e}"))?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    };
+    let password = if stdin.is_terminal() {
+        // `stty` on the same terminal hides the typing without a terminal library.
+        let echo = |on: bool| {
+            let _ = std::process::Command::new("stty")
+                .arg(if on { "echo" } else { "-echo" })
+                .stdin(std::process::Stdio::inherit())
+                .status();
+        };
+        let ask = |prompt: &str| -> Result<String, String> {
+            eprint!("{prompt}");
+            let _ = std::io::stderr().flush();
+            echo(false);
+            let line = read_line();
+            echo(true);
+            eprintln!();
+            line
+        };
+        let first = ask("password: ")?;
+        if ask("again: ")? != first {
+            return Err("the two passwords differ; nothing printed".into());
+        }
+        first
+    } else {
+        read_line()?
+    };
+    if password.chars().count() < 8 {
+        return Err("give a password of at least 8 characters (or --generate)".into());
+    }
+    Ok(password)
 }
 
 /// The body of `POST /api/rollouts`, shared by `deploy` and `plan`.

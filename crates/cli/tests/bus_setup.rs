@@ -1,14 +1,15 @@
 //! `convoy bus setup` against the real broker, each test in a virtual host of its own
-//! (deleted at the end, with the users it made): a host's credentials can do the host's own
-//! work through the same bus client the daemons use, and get ACCESS_REFUSED for anything of
-//! another host's. Needs root (rabbitmqctl): scripts/test runs as root.
+//! (deleted at the end, with the users it made): each daemon's credentials do its own work
+//! through the same bus client the daemons use, and get ACCESS_REFUSED for anything of
+//! another host's — or of another daemon's on the same host. Needs root (rabbitmqctl):
+//! scripts/test runs as root.
 
 use convoy_bus::{
     Bus, BusConfig, Consumer, Disposition, Incoming, Outgoing, Publisher, QueueSpec, Retry,
 };
 use convoy_message::names::{HostName, Name};
 use convoy_message::routing::{self, queue};
-use convoy_message::{Body, Heartbeat, Message};
+use convoy_message::{Body, Heartbeat, Message, Step};
 use lapin::options::{
     BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -66,10 +67,20 @@ impl Drop for Scratch {
         let _ = ctl(&["delete_vhost", &self.vhost]);
         if let Ok(out) = ctl(&["list_users", "--formatter", "json"]) {
             let users: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            for u in users {
-                if let Some(name) = u["user"].as_str().filter(|n| n.starts_with(&self.prefix)) {
-                    let _ = ctl(&["delete_user", name]);
-                }
+            // All at once: each rabbitmqctl takes about half a second.
+            let deleting: Vec<_> = users
+                .iter()
+                .filter_map(|u| u["user"].as_str())
+                .filter(|n| n.starts_with(&self.prefix))
+                .filter_map(|n| {
+                    Command::new("rabbitmqctl")
+                        .args(["-q", "delete_user", n])
+                        .spawn()
+                        .ok()
+                })
+                .collect();
+            for mut child in deleting {
+                let _ = child.wait();
             }
         }
     }
@@ -117,6 +128,7 @@ fn heartbeat(host: &str) -> Message {
 /// Publishes a message under `key` as the bus's user, once.
 async fn publish(bus: &Bus, key: &str) -> anyhow::Result<()> {
     let out = Outgoing::with_key(&heartbeat("web-1"), key)?;
+    // A publisher (channel) of its own: a refusal closes the channel.
     Publisher::new(bus.clone())
         .publish(&out, Retry::once())
         .await
@@ -176,142 +188,204 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_does_its_own_work_and_nothing_of_another_hosts() -> anyhow::Result<()> {
+async fn each_daemon_does_its_own_work_and_nothing_of_another_hosts() -> anyhow::Result<()> {
     let scratch = Scratch::new()?;
     let report = scratch.setup(&["--hosts", "web-1,web-2"])?;
     let p = &scratch.prefix;
-    let web1 = url_of(&report, &format!("{p}host-web-1"));
+    let agent1 = url_of(&report, &format!("{p}agent-web-1"));
+    let fetcher1 = url_of(&report, &format!("{p}fetcher-web-1"));
+    let heartbeat1 = url_of(&report, &format!("{p}heartbeat-web-1"));
     let conductor = url_of(&report, &format!("{p}conductor"));
     let hook = url_of(&report, &format!("{p}hook"));
     let ci = url_of(&report, &format!("{p}ci"));
-    assert!(web1.contains(&format!("{p}host-web-1:")), "{report:#}");
+    assert!(agent1.contains(&format!("{p}agent-web-1:")), "{report:#}");
     let host1 = HostName::new("web-1")?;
     let host2 = HostName::new("web-2")?;
     let app = Name::new("shop")?;
 
     // What each does for a living.
-    let web1_bus = bus(&web1, "web-1")?;
+    let agent_bus = bus(&agent1, "agent web-1")?;
+    let fetcher_bus = bus(&fetcher1, "fetcher web-1")?;
+    let heartbeat_bus = bus(&heartbeat1, "heartbeat web-1")?;
     let conductor_bus = bus(&conductor, "conductor")?;
+    let hook_bus = bus(&hook, "hook")?;
+    let ci_bus = bus(&ci, "ci")?;
     publish(&conductor_bus, &routing::command(&host1)).await?;
-    let command = receive_one(web1_bus.clone(), QueueSpec::commands(EXCHANGE, &host1)).await?;
+    let command = receive_one(agent_bus.clone(), QueueSpec::commands(EXCHANGE, &host1)).await?;
     assert_eq!(command.routing_key, "cmd.web-1");
-    publish(&web1_bus, &routing::result(Some(&app), &host1)).await?;
-    publish(
-        &web1_bus,
-        &routing::progress(&app, &host1, convoy_message::Step::Build),
-    )
-    .await?;
-    publish(&web1_bus, &routing::heartbeat(&host1)).await?;
-    publish(&web1_bus, &routing::inventory(&host1)).await?;
-    Consumer::new(
-        web1_bus.clone(),
-        QueueSpec::fetcher(EXCHANGE, &host1, [&app]),
-    )
-    .declare()
-    .await?;
-    publish(&bus(&hook, "hook")?, &routing::push(&app)).await?;
-    let push = receive_one(bus(&ci, "ci")?, QueueSpec::ci(EXCHANGE)).await?;
+    publish(&agent_bus, &routing::result(Some(&app), &host1)).await?;
+    publish(&agent_bus, &routing::result(None, &host1)).await?;
+    publish(&agent_bus, &routing::progress(&app, &host1, Step::Build)).await?;
+    publish(&agent_bus, &routing::inventory(&host1)).await?;
+    publish(&heartbeat_bus, &routing::heartbeat(&host1)).await?;
+    let fetcher_queue = QueueSpec::fetcher(EXCHANGE, &host1, [&app]);
+    Consumer::new(fetcher_bus.clone(), fetcher_queue.clone())
+        .declare()
+        .await?;
+    publish(&hook_bus, &routing::push(&app)).await?;
+    let push = receive_one(ci_bus.clone(), QueueSpec::ci(EXCHANGE)).await?;
     assert_eq!(push.routing_key, "push.shop");
-    let fetched = receive_one(
-        web1_bus.clone(),
-        QueueSpec::fetcher(EXCHANGE, &host1, [&app]),
-    )
-    .await?;
+    let fetched = receive_one(fetcher_bus.clone(), fetcher_queue).await?;
     assert_eq!(fetched.routing_key, "push.shop");
+    publish(&fetcher_bus, &routing::fetch(&app, &host1)).await?;
+    publish(&ci_bus, "build.shop.succeeded").await?;
     let event = receive_one(conductor_bus.clone(), QueueSpec::conductor_events(EXCHANGE)).await?;
     assert_eq!(event.routing_key, "deploy.shop.web-1.result");
 
     // Another host's results, progress, heartbeats, commands: refused.
-    refused(
-        "web-1 publishing web-2's result",
-        publish(&web1_bus, &routing::result(Some(&app), &host2)).await,
-    );
-    refused(
-        "web-1 publishing web-2's inventory result",
-        publish(&web1_bus, &routing::result(None, &host2)).await,
-    );
-    refused(
-        "web-1 publishing web-2's heartbeat",
-        publish(&web1_bus, &routing::heartbeat(&host2)).await,
-    );
-    refused(
-        "web-1 ordering web-2 to deploy",
-        publish(&web1_bus, &routing::command(&host2)).await,
-    );
-    refused(
-        "web-1 sending itself a command",
-        publish(&web1_bus, &routing::command(&host1)).await,
-    );
-    refused(
-        "web-1 announcing a push",
-        publish(&web1_bus, &routing::push(&app)).await,
-    );
-    refused(
-        "the hook sending a command",
-        publish(&bus(&hook, "hook")?, &routing::command(&host1)).await,
-    );
-    refused(
-        "ci publishing a result",
-        publish(&bus(&ci, "ci")?, &routing::result(Some(&app), &host1)).await,
-    );
+    for (what, bus, key) in [
+        (
+            "web-1's agent publishing web-2's result",
+            &agent_bus,
+            routing::result(Some(&app), &host2),
+        ),
+        (
+            "web-1's agent publishing web-2's inventory result",
+            &agent_bus,
+            routing::result(None, &host2),
+        ),
+        (
+            "web-1's agent publishing web-2's progress",
+            &agent_bus,
+            routing::progress(&app, &host2, Step::Switch),
+        ),
+        (
+            "web-1's agent ordering web-2 to deploy",
+            &agent_bus,
+            routing::command(&host2),
+        ),
+        (
+            "web-1's agent sending itself a command",
+            &agent_bus,
+            routing::command(&host1),
+        ),
+        (
+            "web-1's agent announcing a push",
+            &agent_bus,
+            routing::push(&app),
+        ),
+        (
+            "web-1's heartbeat speaking for web-2",
+            &heartbeat_bus,
+            routing::heartbeat(&host2),
+        ),
+        // Nor another daemon's work on the same host.
+        (
+            "web-1's heartbeat publishing a result",
+            &heartbeat_bus,
+            routing::result(Some(&app), &host1),
+        ),
+        (
+            "web-1's fetcher reporting a deploy",
+            &fetcher_bus,
+            routing::result(Some(&app), &host1),
+        ),
+        (
+            "web-1's fetcher reporting for web-2",
+            &fetcher_bus,
+            routing::fetch(&app, &host2),
+        ),
+        (
+            "web-1's agent publishing a heartbeat",
+            &agent_bus,
+            routing::heartbeat(&host1),
+        ),
+        (
+            "the hook sending a command",
+            &hook_bus,
+            routing::command(&host1),
+        ),
+        (
+            "ci publishing a result",
+            &ci_bus,
+            routing::result(Some(&app), &host1),
+        ),
+        (
+            "the conductor announcing a push",
+            &conductor_bus,
+            routing::push(&app),
+        ),
+    ] {
+        refused(what, publish(bus, &key).await);
+    }
 
-    // Another host's queue, directly.
+    // Another host's queue, or another daemon's, directly.
     let cmd2 = queue::commands(EXCHANGE, &host2);
     let cmd1 = queue::commands(EXCHANGE, &host1);
-    refused(
-        "web-1 consuming web-2's command queue",
-        raw(&web1, |ch| {
-            let q = cmd2.clone();
-            async move {
+    for (what, url, queue) in [
+        (
+            "web-1's agent consuming web-2's commands",
+            &agent1,
+            cmd2.clone(),
+        ),
+        (
+            "web-1's fetcher consuming web-1's commands",
+            &fetcher1,
+            cmd1.clone(),
+        ),
+        (
+            "web-1's heartbeat consuming web-1's commands",
+            &heartbeat1,
+            cmd1.clone(),
+        ),
+        (
+            "web-1's agent reading the dead letters",
+            &agent1,
+            queue::dead(EXCHANGE),
+        ),
+        (
+            "the hook reading the CI bridge's queue",
+            &hook,
+            queue::ci(EXCHANGE),
+        ),
+    ] {
+        refused(
+            what,
+            raw(url, |ch| async move {
                 ch.basic_consume(
-                    q.as_str().into(),
+                    queue.as_str().into(),
                     "thief".into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 )
                 .await
                 .map(drop)
-            }
-        })
-        .await,
-    );
+            })
+            .await,
+        );
+    }
+    for (what, key) in [
+        (
+            "web-1's agent binding its queue to web-2's commands",
+            "cmd.web-2",
+        ),
+        (
+            "web-1's agent binding its queue to every result",
+            "deploy.#",
+        ),
+        ("web-1's agent binding its queue to every command", "cmd.*"),
+    ] {
+        refused(
+            what,
+            raw(&agent1, |ch| {
+                let q = cmd1.clone();
+                async move {
+                    ch.queue_bind(
+                        q.as_str().into(),
+                        EXCHANGE.into(),
+                        key.into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                }
+            })
+            .await,
+        );
+    }
     refused(
-        "web-1 binding its queue to web-2's commands",
-        raw(&web1, |ch| {
-            let q = cmd1.clone();
-            async move {
-                ch.queue_bind(
-                    q.as_str().into(),
-                    EXCHANGE.into(),
-                    "cmd.web-2".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            }
-        })
-        .await,
-    );
-    refused(
-        "web-1 binding its queue to every result",
-        raw(&web1, |ch| {
-            let q = cmd1.clone();
-            async move {
-                ch.queue_bind(
-                    q.as_str().into(),
-                    EXCHANGE.into(),
-                    "deploy.#".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            }
-        })
-        .await,
-    );
-    refused(
-        "web-1 publishing straight into web-2's queue (default exchange)",
-        raw(&web1, |ch| {
+        "web-1's agent publishing straight into web-2's queue (default exchange)",
+        raw(&agent1, |ch| {
             let q = cmd2.clone();
             async move {
                 ch.basic_publish(
@@ -338,8 +412,8 @@ async fn a_host_does_its_own_work_and_nothing_of_another_hosts() -> anyhow::Resu
         .await,
     );
     refused(
-        "web-1 deleting web-2's command queue",
-        raw(&web1, |ch| {
+        "web-1's agent deleting web-2's command queue",
+        raw(&agent1, |ch| {
             let q = cmd2.clone();
             async move {
                 ch.queue_delete(q.as_str().into(), Default::default())
@@ -350,28 +424,21 @@ async fn a_host_does_its_own_work_and_nothing_of_another_hosts() -> anyhow::Resu
         .await,
     );
     refused(
-        "web-1 reading the dead letters",
-        raw(&web1, |ch| async move {
-            ch.basic_consume(
-                "convoy.dead".into(),
-                "thief".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map(drop)
-        })
-        .await,
-    );
-    refused(
-        "web-1 deleting the exchange",
-        raw(&web1, |ch| async move {
+        "web-1's agent deleting the exchange",
+        raw(&agent1, |ch| async move {
             ch.exchange_delete(EXCHANGE.into(), ExchangeDeleteOptions::default())
                 .await
         })
         .await,
     );
-    for b in [web1_bus, conductor_bus] {
+    for b in [
+        agent_bus,
+        fetcher_bus,
+        heartbeat_bus,
+        conductor_bus,
+        hook_bus,
+        ci_bus,
+    ] {
         b.close().await;
     }
     Ok(())
@@ -381,15 +448,16 @@ async fn a_host_does_its_own_work_and_nothing_of_another_hosts() -> anyhow::Resu
 async fn running_again_keeps_passwords_and_rotate_replaces_them() -> anyhow::Result<()> {
     let scratch = Scratch::new()?;
     let first = scratch.setup(&["--hosts", "db-1"])?;
-    let name = format!("{}host-db-1", scratch.prefix);
+    let name = format!("{}heartbeat-db-1", scratch.prefix);
     assert_eq!(user(&first, &name)["status"], "created");
     let old_url = url_of(&first, &name);
 
     let again = scratch.setup(&["--hosts", "db-1,db-2"])?;
     assert_eq!(user(&again, &name)["status"], "kept");
+    assert_eq!(user(&again, &name)["permissions_set"], false);
     assert!(user(&again, &name)["password"].is_null());
     assert_eq!(
-        user(&again, &format!("{}host-db-2", scratch.prefix))["status"],
+        user(&again, &format!("{}agent-db-2", scratch.prefix))["status"],
         "created"
     );
     // The kept password still works.
