@@ -67,14 +67,16 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
         let mut rx = life.reloads();
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
-                match convoy_daemon::load::<AgentConfig>("agent", &args) {
-                    Ok(c) => match agent.reload(c) {
-                        Ok(()) => life.reloaded(),
-                        Err(e) => {
-                            tracing::error!("reload refused, keeping the old configuration: {e:#}")
-                        }
-                    },
-                    Err(e) => tracing::error!("reload refused, keeping the old configuration: {e}"),
+                let outcome = match convoy_daemon::load::<AgentConfig>("agent", &args) {
+                    Ok(c) => agent.reload(c).map_err(|e| format!("{e:#}")),
+                    Err(e) => Err(e.to_string()),
+                };
+                match outcome {
+                    Ok(()) => life.reloaded("configuration reloaded"),
+                    Err(e) => {
+                        tracing::error!("reload refused, keeping the old configuration: {e}");
+                        life.reloaded("reload refused, old configuration kept (see the log)");
+                    }
                 }
             }
         })

@@ -6,6 +6,8 @@
 //! same runtime, so a wedged runtime stops pinging and is restarted.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -18,6 +20,9 @@ pub struct Lifecycle {
     cancel: CancellationToken,
     tracker: TaskTracker,
     reload: watch::Receiver<u64>,
+    /// Set once the daemon asks for [`Lifecycle::reloads`]: only then is SIGHUP a reload
+    /// that systemd hears about (and must hear the end of, through `reloaded`).
+    reloadable: Arc<AtomicBool>,
 }
 
 impl Lifecycle {
@@ -30,6 +35,8 @@ impl Lifecycle {
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         let token = cancel.clone();
+        let reloadable = Arc::new(AtomicBool::new(false));
+        let can_reload = reloadable.clone();
         tokio::spawn(async move {
             let mut generation = 0u64;
             loop {
@@ -37,6 +44,10 @@ impl Lifecycle {
                     _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
                     _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
                     _ = hup.recv() => {
+                        if !can_reload.load(Ordering::Relaxed) {
+                            tracing::warn!("SIGHUP: this daemon does not reload its configuration; restart it to apply changes");
+                            continue;
+                        }
                         generation += 1;
                         tracing::info!("SIGHUP: reloading configuration");
                         notify(&[sd_notify::NotifyState::Reloading]);
@@ -64,6 +75,7 @@ impl Lifecycle {
             cancel,
             tracker,
             reload,
+            reloadable,
         })
     }
 
@@ -75,9 +87,13 @@ impl Lifecycle {
         ]);
     }
 
-    /// Tells systemd a reload finished.
-    pub fn reloaded(&self) {
-        notify(&[sd_notify::NotifyState::Ready]);
+    /// Tells systemd a reload finished — applied, or refused with the old configuration
+    /// kept (`status` says which).
+    pub fn reloaded(&self, status: &str) {
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(status),
+        ]);
     }
 
     /// Updates the status line `systemctl status` shows.
@@ -103,8 +119,11 @@ impl Lifecycle {
         self.cancel.cancel();
     }
 
-    /// A receiver that changes on every SIGHUP.
+    /// A receiver that changes on every SIGHUP. A daemon that asks for it reloads on
+    /// SIGHUP and must call [`Lifecycle::reloaded`] after each one; SIGHUP to any other
+    /// daemon is logged and ignored.
     pub fn reloads(&self) -> watch::Receiver<u64> {
+        self.reloadable.store(true, Ordering::Relaxed);
         self.reload.clone()
     }
 

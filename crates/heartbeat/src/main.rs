@@ -218,10 +218,13 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
                             tick = tokio::time::interval(Duration::from_secs(u64::from(c.interval_s)));
                         }
                         config = c;
-                        life.reloaded();
+                        life.reloaded("configuration reloaded");
                         tracing::info!("configuration reloaded");
                     }
-                    Err(e) => tracing::error!("reload refused, keeping the old configuration: {e}"),
+                    Err(e) => {
+                        tracing::error!("reload refused, keeping the old configuration: {e}");
+                        life.reloaded("reload refused, old configuration kept (see the log)");
+                    }
                 }
                 continue;
             }
