@@ -38,6 +38,17 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // A missing or unreadable key is a configuration error: systemd must not restart into it.
+    let key = match KeyPair::load(&config.signing_key) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!(
+                "convoy-conductor: config key `signing_key` ({}): {e}; `convoy keygen` writes one",
+                config.signing_key.display()
+            );
+            return ExitCode::from(convoy_daemon::EXIT_CONFIG);
+        }
+    };
     // The engine writes to SQLite from its task (block_in_place): a multi-thread runtime.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -50,7 +61,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, key)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -60,18 +71,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, key: KeyPair) -> anyhow::Result<()> {
     let life = Lifecycle::start()?;
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
             "config key `state_dir`: cannot create {}",
             config.state_dir.display()
-        )
-    })?;
-    let key = KeyPair::load(&config.signing_key).with_context(|| {
-        format!(
-            "config key `signing_key` ({}); `convoy keygen` writes one",
-            config.signing_key.display()
         )
     })?;
     let store = Store::open(&config.db_path())?;
