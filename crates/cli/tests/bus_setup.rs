@@ -103,8 +103,9 @@ fn url_of(report: &Value, name: &str) -> String {
 
 fn bus(url: &str, name: &str) -> anyhow::Result<Bus> {
     let mut config = BusConfig::new(url, EXCHANGE);
-    config.tuning.connect_timeout_ms = 3_000;
-    config.tuning.confirm_timeout_ms = 3_000;
+    // Generous: a loaded machine must not turn a slow answer into a wrong one.
+    config.tuning.connect_timeout_ms = 10_000;
+    config.tuning.confirm_timeout_ms = 10_000;
     config.tuning.max_backoff_ms = 500;
     Ok(Bus::new(config, name)?)
 }

@@ -61,3 +61,41 @@ fn without_a_token_the_cli_says_how_to_give_one() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("CONVOY_TOKEN"));
     Ok(())
 }
+
+#[test]
+fn passwd_prints_an_argon2_hash_of_the_password_for_the_users_entry() -> anyhow::Result<()> {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    use std::io::Write;
+    let mut child = Command::new(CONVOY)
+        .args(["passwd", "alice", "--role", "viewer"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin"))?
+        .write_all(b"correct horse battery\n")?;
+    let out = child.wait_with_output()?;
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hash = text
+        .lines()
+        .find_map(|l| l.strip_prefix("password_hash = \""))
+        .and_then(|h| h.strip_suffix('"'))
+        .ok_or_else(|| anyhow::anyhow!("no password_hash line in {text}"))?;
+    assert!(text.contains("name = \"alice\"") && text.contains("role = \"viewer\""));
+    let parsed = PasswordHash::new(hash).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(
+        argon2::Argon2::default()
+            .verify_password(b"correct horse battery", &parsed)
+            .is_ok()
+    );
+    // Too short a password is refused.
+    let short = Command::new(CONVOY)
+        .args(["passwd", "bob"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert_eq!(short.status.code(), Some(2));
+    Ok(())
+}

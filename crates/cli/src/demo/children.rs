@@ -90,30 +90,31 @@ impl Children {
         Ok(())
     }
 
-    /// Stops everything: SIGTERM to each process group, up to `grace` for them to exit,
-    /// then SIGKILL; the processes marked `last` after the others.
-    pub fn stop_all(&mut self, grace: Duration) {
+    /// Stops everything: SIGTERM to each process group, up to `grace` for them to exit
+    /// (less once `hurry` says so), then SIGKILL; the processes marked `last` after the
+    /// others.
+    pub fn stop_all(&mut self, grace: Duration, hurry: &dyn Fn() -> bool) {
         let (last, first): (Vec<Running>, Vec<Running>) = std::mem::take(&mut self.running)
             .into_iter()
             .partition(|r| r.last);
         for group in [first, last] {
-            stop(group, grace);
+            stop(group, grace, hurry);
         }
     }
 }
 
 impl Drop for Children {
     fn drop(&mut self) {
-        self.stop_all(Duration::from_secs(3));
+        self.stop_all(Duration::from_secs(3), &|| false);
     }
 }
 
-fn stop(mut group: Vec<Running>, grace: Duration) {
+fn stop(mut group: Vec<Running>, grace: Duration, hurry: &dyn Fn() -> bool) {
     for r in &group {
         let _ = killpg(pgid(&r.child), Signal::SIGTERM);
     }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !hurry() {
         group.retain_mut(|r| !matches!(r.child.try_wait(), Ok(Some(_))));
         if group.is_empty() {
             return;

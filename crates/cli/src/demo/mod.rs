@@ -82,11 +82,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         eprintln!("\nconvoy demo: {e:#}");
     }
     println!("stopping the fleet…");
-    children.stop_all(if stop.hurry() {
-        Duration::from_millis(500)
-    } else {
-        Duration::from_secs(10)
-    });
+    let hurry = stop.clone();
+    children.stop_all(Duration::from_secs(10), &move || hurry.hurry());
     drop(children);
     if let Some((url, exchange, queues)) = &state.shared_broker
         && let Err(e) = broker::clean_up(url, exchange, queues)
