@@ -109,6 +109,26 @@ async fn rollout() -> anyhow::Result<()> {
             prev_end = Some(d);
         }
     }
+    // Each host's path, from the agent's own start time: conductor → agent (commit,
+    // publish, broker, the agent's verify and journal) and agent → conductor (the result's
+    // publish, broker, the conductor's commit).
+    let mut out_ms = Vec::new();
+    let mut back_ms = Vec::new();
+    for res in r["results"].as_array().into_iter().flatten() {
+        let Some(host) = hosts_v.iter().find(|h| h["command"] == res["command_id"]) else {
+            continue;
+        };
+        if let (Some(sent), Some(start), Some(done), Some(ms)) = (
+            time(&host["sent_at"]),
+            time(&res["started_at"]),
+            time(&host["finished_at"]),
+            res["duration_ms"].as_u64(),
+        ) {
+            out_ms.push((start - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+            let end = start + chrono::Duration::milliseconds(ms as i64);
+            back_ms.push((done - end).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+        }
+    }
     let whole = (time(&r["finished_at"]).unwrap_or_default()
         - time(&r["created_at"]).unwrap_or_default())
     .num_milliseconds();
@@ -132,6 +152,16 @@ async fn rollout() -> anyhow::Result<()> {
     println!(
         "  last result of a batch → first command of the next (median): {:.1} ms",
         median(gaps)
+    );
+    println!(
+        "  per host, command sent → agent starts (median / max): {:.1} / {:.1} ms",
+        median(out_ms.clone()),
+        out_ms.iter().cloned().fold(0.0, f64::max)
+    );
+    println!(
+        "  per host, agent done → result recorded (median / max): {:.1} / {:.1} ms",
+        median(back_ms.clone()),
+        back_ms.iter().cloned().fold(0.0, f64::max)
     );
     Ok(())
 }
