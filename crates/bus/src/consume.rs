@@ -229,11 +229,7 @@ impl Consumer {
     pub async fn declare(&self) -> Result<(), BusError> {
         let conn = self.bus.connection().await?;
         let declare = async {
-            topology::ensure_shared(&conn, self.bus.exchange(), true).await?;
-            let channel = conn
-                .create_channel()
-                .await
-                .map_err(BusError::amqp("opening a channel"))?;
+            let channel = topology::shared_channel(&conn, self.bus.exchange(), true).await?;
             topology::declare_queue(&channel, self.bus.exchange(), &self.spec).await?;
             let _ = channel.close(200, "declared".into()).await;
             Ok(())
@@ -261,11 +257,7 @@ impl Consumer {
         let exchange = self.bus.exchange().to_owned();
         let prefetch = self.bus.config().tuning.prefetch;
         let setup = async {
-            topology::ensure_shared(&conn, &exchange, true).await?;
-            let channel = conn
-                .create_channel()
-                .await
-                .map_err(BusError::amqp("opening a channel"))?;
+            let channel = topology::shared_channel(&conn, &exchange, true).await?;
             topology::declare_queue(&channel, &exchange, &self.spec).await?;
             channel
                 .basic_qos(prefetch, BasicQosOptions::default())

@@ -16,7 +16,7 @@
 //! permissions every key is allowed, so every role here has them.
 //!
 //! Passive declarations need no permission: the daemons only check that the shared objects
-//! exist (see [`crate::topology::ensure_shared`]), which `convoy bus setup` declares.
+//! exist (see [`crate::topology::shared_channel`]), which `convoy bus setup` declares.
 
 use convoy_message::names::HostName;
 use convoy_message::routing::queue;

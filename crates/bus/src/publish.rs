@@ -328,11 +328,7 @@ impl Publisher {
         let timeout = self.bus.config().connect_timeout();
         let exchange = self.bus.exchange().to_owned();
         let setup = async {
-            topology::ensure_shared(&conn, &exchange, false).await?;
-            let channel = conn
-                .create_channel()
-                .await
-                .map_err(BusError::amqp("opening a channel"))?;
+            let channel = topology::shared_channel(&conn, &exchange, false).await?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await

@@ -8,9 +8,10 @@
 //!   no expiry: a host that is down finds its commands waiting.
 //!
 //! The shared objects (both exchanges and the dead-letter queue) are first checked
-//! passively, which needs no permission, and declared only when missing. So a daemon whose
-//! broker user may not configure them (see [`crate::permissions`] and `convoy bus setup`)
-//! starts as long as they exist, and cannot delete or redefine them.
+//! passively ([`shared_channel`]), which needs no permission, and declared only when
+//! missing. So a daemon whose broker user may not configure them (see
+//! [`crate::permissions`] and `convoy bus setup`) starts as long as they exist, and cannot
+//! delete or redefine them.
 //!
 //! The queue of every consumer role is defined here once ([`QueueSpec::commands`],
 //! [`QueueSpec::fetcher`], [`QueueSpec::ci`], [`QueueSpec::conductor_events`],
@@ -145,46 +146,50 @@ fn durable_exchange() -> ExchangeDeclareOptions {
     }
 }
 
-/// Makes sure the exchanges exist — and the dead-letter queue too, for consumers
-/// (`with_dead_queue`). Checks passively first on a channel of its own (a missing object
-/// closes that channel) and declares only when something is missing, so users without
-/// `configure` permission on the shared objects need none.
-pub async fn ensure_shared(
+/// A new channel on `conn`, once the exchanges — and the dead-letter queue too, for
+/// consumers (`with_dead_queue`) — exist. They are checked passively on that very channel
+/// (no permission needed, and no more round trips than declaring them); only when one is
+/// missing (the broker then closes the channel) are they declared, on a channel of their
+/// own, and a fresh channel returned. So users without `configure` permission on the shared
+/// objects need none once `convoy bus setup` made them.
+pub async fn shared_channel(
     conn: &Connection,
     exchange: &str,
     with_dead_queue: bool,
-) -> Result<(), BusError> {
-    if shared_exist(conn, exchange, with_dead_queue).await {
-        return Ok(());
+) -> Result<Channel, BusError> {
+    let open = || async {
+        conn.create_channel()
+            .await
+            .map_err(BusError::amqp("opening a channel"))
+    };
+    let channel = open().await?;
+    if shared_exist(&channel, exchange, with_dead_queue).await {
+        return Ok(channel);
     }
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(BusError::amqp("opening a channel"))?;
-    declare_exchanges(&channel, exchange).await?;
+    drop(channel);
+    let declaring = open().await?;
+    declare_exchanges(&declaring, exchange).await?;
     if with_dead_queue {
-        declare_dead_queue(&channel, exchange).await?;
+        declare_dead_queue(&declaring, exchange).await?;
     }
-    let _ = channel.close(200, "declared".into()).await;
+    let _ = declaring.close(200, "declared".into()).await;
     tracing::info!(
         %exchange,
         "declared the exchanges{} (missing: the broker's NOT_FOUND just logged answered the check)",
         if with_dead_queue { " and the dead-letter queue" } else { "" }
     );
-    Ok(())
+    open().await
 }
 
-/// Whether the shared objects exist, asked passively (no permission needed).
-async fn shared_exist(conn: &Connection, exchange: &str, with_dead_queue: bool) -> bool {
-    let Ok(channel) = conn.create_channel().await else {
-        return false;
-    };
+/// Whether the shared objects exist, asked passively on `channel` (no permission needed);
+/// a missing one closes the channel.
+async fn shared_exist(channel: &Channel, exchange: &str, with_dead_queue: bool) -> bool {
     let passive = ExchangeDeclareOptions {
         passive: true,
         ..ExchangeDeclareOptions::default()
     };
     let dead = dead_exchange(exchange);
-    let mut found = channel
+    let exchanges = channel
         .exchange_declare(
             exchange.into(),
             ExchangeKind::Topic,
@@ -202,24 +207,21 @@ async fn shared_exist(conn: &Connection, exchange: &str, with_dead_queue: bool) 
             )
             .await
             .is_ok();
-    if found && with_dead_queue {
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        found = channel
-            .queue_declare(
-                queue::dead(exchange).as_str().into(),
-                options,
-                FieldTable::default(),
-            )
-            .await
-            .is_ok();
+    if !exchanges || !with_dead_queue {
+        return exchanges;
     }
-    if found {
-        let _ = channel.close(200, "checked".into()).await;
-    }
-    found
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(
+            queue::dead(exchange).as_str().into(),
+            options,
+            FieldTable::default(),
+        )
+        .await
+        .is_ok()
 }
 
 /// Declares the main exchange and the dead-letter exchange (cheap: what publishers need).

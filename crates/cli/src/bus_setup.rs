@@ -55,6 +55,9 @@ pub struct SetupArgs {
     /// The RabbitMQ node rabbitmqctl talks to (its `-n`; default: the local node).
     #[arg(long)]
     pub node: Option<String>,
+    /// Seconds one rabbitmqctl call may take.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
 }
 
 /// What `bus setup` did, printed as text or JSON.
@@ -210,7 +213,11 @@ pub fn read_conductor_config(path: &Path) -> anyhow::Result<(Vec<String>, Option
 /// Runs `bus setup`.
 pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
     let plan = plan(args)?;
-    let ctl = Rabbitmqctl::new(&args.rabbitmqctl, args.node.clone())?;
+    let ctl = Rabbitmqctl::new(
+        &args.rabbitmqctl,
+        args.node.clone(),
+        std::time::Duration::from_secs(args.timeout),
+    )?;
     let before = ctl.definitions()?;
     let admin = plan.admin.user.clone().unwrap_or_else(|| "guest".into());
 
@@ -305,6 +312,20 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
             "topic_permissions": topic_permissions,
         }))?;
     }
+    // rabbitmqctl talks to a node, --amqp-url to a broker: make sure they are the same one.
+    if let Some(u) = users.iter().find(|u| u.password.is_some()) {
+        let login = plan
+            .admin
+            .with_credentials(&u.user, u.password.as_deref().unwrap_or_default());
+        runtime.block_on(can_log_in(&login)).with_context(|| {
+            format!(
+                "the new user {} cannot log in at {}: rabbitmqctl reached another node than \
+                     --amqp-url names (pass --node NAME@HOST of that broker)",
+                u.user,
+                plan.admin.redacted()
+            )
+        })?;
+    }
     Ok(Report {
         vhost: plan.vhost,
         vhost_created,
@@ -316,6 +337,16 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
         queues,
         users,
     })
+}
+
+/// Connects (and disconnects) as `url`'s user.
+async fn can_log_in(url: &AmqpUrl) -> anyhow::Result<()> {
+    let mut config = BusConfig::new(url.to_string(), DEFAULT_EXCHANGE);
+    config.tuning.connect_timeout_ms = 5_000;
+    let bus = Bus::new(config, "convoy bus setup (check)")?;
+    bus.connection().await?;
+    bus.close().await;
+    Ok(())
 }
 
 /// Where the daemon of `role` reads its `amqp_url`.
@@ -448,6 +479,7 @@ mod tests {
             broker_url: Some("amqps://mq.example.com:5671".into()),
             rabbitmqctl: "rabbitmqctl".into(),
             node: None,
+            timeout: 60,
         }
     }
 

@@ -10,9 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// One call may take this long before it is killed (a node that does not answer).
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Where `rabbitmqctl` is looked for when it is not on `PATH` (it lives in `/usr/sbin`,
 /// which is not on an ordinary user's `PATH`).
 const KNOWN_PLACES: [&str; 2] = ["/usr/sbin/rabbitmqctl", "/usr/lib/rabbitmq/bin/rabbitmqctl"];
@@ -21,12 +18,15 @@ const KNOWN_PLACES: [&str; 2] = ["/usr/sbin/rabbitmqctl", "/usr/lib/rabbitmq/bin
 pub struct Rabbitmqctl {
     program: PathBuf,
     node: Option<String>,
+    /// One call may take this long before it is killed (a node that does not answer).
+    timeout: Duration,
 }
 
 impl Rabbitmqctl {
     /// `program` (a path, or a name looked up on `PATH` and then in the usual places);
-    /// `node` is passed as `-n` (default: the local node).
-    pub fn new(program: &Path, node: Option<String>) -> anyhow::Result<Self> {
+    /// `node` is passed as `-n` (default: the local node); a call taking longer than
+    /// `timeout` is killed.
+    pub fn new(program: &Path, node: Option<String>, timeout: Duration) -> anyhow::Result<Self> {
         let program = find(program).with_context(|| {
             format!(
                 "cannot find {}: run `convoy bus setup` on a machine of the broker (where \
@@ -34,7 +34,11 @@ impl Rabbitmqctl {
                 program.display()
             )
         })?;
-        Ok(Self { program, node })
+        Ok(Self {
+            program,
+            node,
+            timeout,
+        })
     }
 
     /// Runs `rabbitmqctl -q [-n node] args…`, feeding `stdin` (passwords travel there, not
@@ -69,11 +73,17 @@ impl Rabbitmqctl {
             if let Some(status) = child.try_wait()? {
                 break status;
             }
-            if started.elapsed() > CALL_TIMEOUT {
+            if started.elapsed() > self.timeout {
+                // Debian's rabbitmqctl is a script that runs `su`, which runs the Erlang VM
+                // in a session of its own: kill the whole tree, not just the script.
+                for pid in descendants(child.id()).into_iter().rev() {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
                 let _ = child.kill();
                 let _ = child.wait();
                 bail!(
-                    "{what} did not finish within {CALL_TIMEOUT:?}: is the RabbitMQ node running?"
+                    "{what} did not finish within {:?}: is the RabbitMQ node running and answering?",
+                    self.timeout
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -225,6 +235,42 @@ fn salted_sha256(salt: [u8; 4], password: &str) -> Vec<u8> {
     let mut out = salt.to_vec();
     out.extend_from_slice(&hasher.finalize());
     out
+}
+
+/// Every process below `root` (children before grandchildren), from `/proc`.
+fn descendants(root: u32) -> Vec<nix::unistd::Pid> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(") ")?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for &(pid, ppid) in &parents {
+            if ppid == parent && !found.contains(&pid) {
+                found.push(pid);
+                frontier.push(pid);
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|p| nix::unistd::Pid::from_raw(p as i32))
+        .collect()
 }
 
 fn reader<R: std::io::Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<String> {

@@ -44,13 +44,15 @@ impl Scratch {
 
     /// Runs `convoy --json bus setup` on this vhost; returns its report.
     fn setup(&self, extra: &[&str]) -> anyhow::Result<Value> {
-        let out = Command::new(CONVOY)
-            .env_remove("CONVOY_EXCHANGE")
+        let mut cmd = Command::new(CONVOY);
+        cmd.env_remove("CONVOY_EXCHANGE")
             .args(["--json", "bus", "setup", "--amqp-url"])
             .arg(convoy_testkit::shared_amqp_url())
-            .args(["--vhost", &self.vhost, "--user-prefix", &self.prefix])
-            .args(extra)
-            .output()?;
+            .args(["--vhost", &self.vhost, "--user-prefix", &self.prefix]);
+        if let Some(node) = node() {
+            cmd.args(["--node", &node]);
+        }
+        let out = cmd.args(extra).output()?;
         anyhow::ensure!(
             out.status.success(),
             "bus setup failed: {}{}",
@@ -61,9 +63,26 @@ impl Scratch {
     }
 }
 
+/// The node rabbitmqctl must reach: `CONVOY_TEST_RABBITMQ_NODE`, when the broker of
+/// `CONVOY_TEST_AMQP_URL` is not the local default node.
+fn node() -> Option<String> {
+    std::env::var("CONVOY_TEST_RABBITMQ_NODE")
+        .ok()
+        .filter(|n| !n.is_empty())
+}
+
+fn rabbitmqctl() -> Command {
+    let mut cmd = Command::new("rabbitmqctl");
+    cmd.arg("-q");
+    if let Some(node) = node() {
+        cmd.args(["-n", &node]);
+    }
+    cmd
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let ctl = |args: &[&str]| Command::new("rabbitmqctl").arg("-q").args(args).output();
+        let ctl = |args: &[&str]| rabbitmqctl().args(args).output();
         let _ = ctl(&["delete_vhost", &self.vhost]);
         if let Ok(out) = ctl(&["list_users", "--formatter", "json"]) {
             let users: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -72,12 +91,7 @@ impl Drop for Scratch {
                 .iter()
                 .filter_map(|u| u["user"].as_str())
                 .filter(|n| n.starts_with(&self.prefix))
-                .filter_map(|n| {
-                    Command::new("rabbitmqctl")
-                        .args(["-q", "delete_user", n])
-                        .spawn()
-                        .ok()
-                })
+                .filter_map(|n| rabbitmqctl().args(["delete_user", n]).spawn().ok())
                 .collect();
             for mut child in deleting {
                 let _ = child.wait();

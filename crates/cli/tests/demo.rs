@@ -26,8 +26,17 @@ fn daemons_built() {
 
 fn start(args: &[&str], out: &Path) -> anyhow::Result<Child> {
     let log = std::fs::File::create(out)?;
-    Ok(Command::new(CONVOY)
-        .arg("demo")
+    let mut cmd = Command::new(CONVOY);
+    cmd.arg("demo")
+        .arg("--amqp-url")
+        .arg(convoy_testkit::shared_amqp_url());
+    // The node rabbitmqctl must reach when that broker is not the local default node.
+    if let Ok(node) = std::env::var("CONVOY_TEST_RABBITMQ_NODE")
+        && !node.is_empty()
+    {
+        cmd.args(["--node", &node]);
+    }
+    Ok(cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -8,6 +8,11 @@ use crate::bus_setup::{self, SetupArgs};
 use crate::rabbitmqctl::Rabbitmqctl;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// A broker node that takes longer than this to answer rabbitmqctl is not worth waiting for:
+/// the demo goes on without least-privilege users.
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Users, their URLs, and what to delete at the end.
 pub struct Access {
@@ -45,14 +50,24 @@ impl Access {
             broker_url: None,
             rabbitmqctl: PathBuf::from("rabbitmqctl"),
             node: node.clone(),
+            timeout: CALL_TIMEOUT.as_secs(),
         };
         let result = bus_setup::run(&args);
         let report = match result {
             Ok(r) => r,
             Err(e) => {
                 // Leave nothing half made.
-                if let Ok(ctl) = Rabbitmqctl::new(&args.rabbitmqctl, node) {
+                if let Ok(ctl) = Rabbitmqctl::new(&args.rabbitmqctl, node, CALL_TIMEOUT) {
                     let _ = ctl.delete_vhost(exchange);
+                    if let Ok(defs) = ctl.definitions() {
+                        let ours: Vec<String> = defs
+                            .users
+                            .into_iter()
+                            .map(|u| u.name)
+                            .filter(|n| n.starts_with(&args.user_prefix))
+                            .collect();
+                        let _ = ctl.delete_users(&ours);
+                    }
                 }
                 return Err(e);
             }
@@ -84,7 +99,11 @@ impl Access {
 
     /// Deletes the virtual host (with every queue in it) and the users.
     pub fn tear_down(&self) -> anyhow::Result<()> {
-        let ctl = Rabbitmqctl::new(&PathBuf::from("rabbitmqctl"), self.node.clone())?;
+        let ctl = Rabbitmqctl::new(
+            &PathBuf::from("rabbitmqctl"),
+            self.node.clone(),
+            CALL_TIMEOUT,
+        )?;
         let vhost = ctl.delete_vhost(&self.vhost);
         let users = ctl.delete_users(&self.users);
         vhost.and(users)

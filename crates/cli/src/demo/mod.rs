@@ -46,6 +46,10 @@ pub struct DemoArgs {
     /// private RabbitMQ node is started (needs rabbitmq-server installed, and root).
     #[arg(long, default_value = DEFAULT_AMQP_URL)]
     pub amqp_url: String,
+    /// The RabbitMQ node of --amqp-url, for rabbitmqctl (its `-n`; default: the local
+    /// node), when it is not the local default one.
+    #[arg(long)]
+    pub node: Option<String>,
     /// The conductor's address (default 127.0.0.1:8470, or a free port if that is taken).
     #[arg(long)]
     pub listen: Option<String>,
@@ -150,7 +154,8 @@ fn demo(
     state.private_broker = broker.private;
     // As an operator would: `convoy bus setup` first — a virtual host and one
     // least-privilege user per daemon — where rabbitmqctl can; else an exchange of our own.
-    match access::Access::set_up(&broker.url, broker.node.clone(), &fleet.exchange, &names) {
+    let node = broker.node.clone().or_else(|| args.node.clone());
+    match access::Access::set_up(&broker.url, node, &fleet.exchange, &names) {
         Ok(access) => {
             println!(
                 "broker: {redacted}{}, virtual host {:?}: `convoy bus setup` made one user per \
