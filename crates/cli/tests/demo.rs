@@ -243,3 +243,41 @@ fn ci_mode_out_of_time_fails_with_the_reason_and_leaves_nothing_running() -> any
     assert!(left.is_empty(), "left running: {left:#?}");
     Ok(())
 }
+
+#[test]
+fn ci_mode_fails_with_the_hosts_error_when_a_health_check_fails() -> anyhow::Result<()> {
+    daemons_built();
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("demo");
+    let out = tmp.path().join("demo.out");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let port = convoy_testkit::free_port().to_string();
+    let mut demo = start(
+        &[
+            "--ci",
+            "--hosts",
+            "3",
+            "--broken-host",
+            "web-3",
+            "--dir",
+            &dir_arg,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &out,
+    )?;
+    let status = wait_exit(&mut demo, Duration::from_secs(120))?;
+    let said = std::fs::read_to_string(&out)?;
+    assert_eq!(status.code(), Some(1), "{said}");
+    let last = said
+        .lines()
+        .find(|l| l.starts_with("convoy demo: rollout"))
+        .unwrap_or_default();
+    assert!(
+        last.contains("rolled_back") && last.contains("web-3: health check failed"),
+        "{said}"
+    );
+    let left = processes_in(&dir);
+    assert!(left.is_empty(), "left running: {left:#?}");
+    Ok(())
+}

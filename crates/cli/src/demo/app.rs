@@ -154,9 +154,19 @@ fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
 }
 
-/// Starts serving `<root>/current/public` on `port` (a symlink followed per request, so a
-/// switch is served at once; before the first deploy the server answers 404).
-pub fn serve_command(python: &Path, root: &Path, port: u16) -> Command {
+/// Serves `<root>/current/public` on `port` (a symlink followed per request, so a switch is
+/// served at once; before the first deploy the server answers 404). A `broken` app serves
+/// an empty directory instead, whatever is deployed — as if its restart never took — so its
+/// health check fails.
+pub fn serve_command(python: &Path, root: &Path, port: u16, broken: bool) -> Command {
+    let served = if broken {
+        root.join("shared/not-restarted")
+    } else {
+        root.join("current/public")
+    };
+    if broken {
+        let _ = std::fs::create_dir_all(&served);
+    }
     let mut cmd = super::children::clean_command(python);
     cmd.args([
         "-m",
@@ -166,7 +176,7 @@ pub fn serve_command(python: &Path, root: &Path, port: u16) -> Command {
         "127.0.0.1",
         "--directory",
     ])
-    .arg(root.join("current/public"));
+    .arg(served);
     cmd
 }
 

@@ -190,7 +190,7 @@ state_dir = {state}\nmirror_dir = {mirrors}\ntrusted_keys_dir = {trusted}\nkeep_
 [apps.{APP}]\nroot = {root}\nenv = {{ APP_PORT = \"{port}\" }}\n\n\
 # The app's own scripts, run in the release directory.\n\
 [apps.{APP}.hooks]\nbuild = [\"/bin/sh\", \"bin/build\"]\n\n\
-[apps.{APP}.health]\ncommand = [\"/bin/sh\", \"bin/health\"]\ninterval_ms = 200\ndeadline_s = 10\n",
+[apps.{APP}.health]\ncommand = [\"/bin/sh\", \"bin/health\"]\ninterval_ms = 200\ndeadline_s = 5\n",
                 name = h.name,
                 bus = bus("agent"),
                 state = q(h.dir.join("state").display()),

@@ -5,7 +5,7 @@ use super::children::{Children, Interrupt};
 use crate::client::Client;
 use anyhow::bail;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 /// The API, with errors as `anyhow`.
@@ -123,7 +123,8 @@ pub enum AtGate {
 }
 
 /// Follows the newest pipeline of `app` from its start to its end, printing each rollout's
-/// batches and each host's result; promotes or explains at the gate.
+/// batches and each host's result; promotes or explains at the gate. Returns why it did not
+/// succeed, if it did not.
 pub fn pipeline(
     api: &Api,
     app: &str,
@@ -132,7 +133,7 @@ pub fn pipeline(
     children: &mut Children,
     stop: &Interrupt,
     deadline: Deadline,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<String>> {
     let start_by = deadline.within(Duration::from_secs(60));
     let mut explained = false;
     loop {
@@ -149,15 +150,32 @@ pub fn pipeline(
             if let Some(id) = id.as_i64() {
                 let r = api.get(&format!("/api/rollouts/{id}"))?;
                 seen.rollout(&r);
+                if let Some(why) = stuck(&r) {
+                    match &gate {
+                        // Nobody is there to retry it: say why, and stop.
+                        AtGate::Promote => bail!("{why}"),
+                        AtGate::Explain(_) if seen.warned.insert(id) => {
+                            println!("  >>> {why}");
+                            if r["state"] == "halted" {
+                                println!(
+                                    "  >>> `convoy retry {id}` goes on, `convoy abort {id}` gives up"
+                                );
+                            }
+                        }
+                        AtGate::Explain(_) => {}
+                    }
+                }
             }
         }
         let state = p["state"].as_str().unwrap_or("");
         match state {
-            "succeeded" => return Ok(()),
-            "failed" | "aborted" => bail!(
-                "the pipeline {state}: {}",
-                p["reason"].as_str().unwrap_or("no reason given")
-            ),
+            "succeeded" => return Ok(None),
+            "failed" | "aborted" => {
+                return Ok(Some(format!(
+                    "the pipeline {state}: {}",
+                    p["reason"].as_str().unwrap_or("no reason given")
+                )));
+            }
             "waiting_for_promotion" => match &gate {
                 AtGate::Promote => {
                     println!(
@@ -183,12 +201,50 @@ pub fn pipeline(
     }
 }
 
+/// Why a rollout of the pipeline will not go on by itself, if it will not: halted (a
+/// host failed beyond the budget, or missed its deadline), rolled back or aborted — with
+/// each failed host's error.
+fn stuck(r: &Value) -> Option<String> {
+    let state = r["state"].as_str().unwrap_or("");
+    if !matches!(state, "halted" | "rolled_back" | "aborted") {
+        return None;
+    }
+    let failed: Vec<String> = r["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| matches!(h["state"].as_str(), Some("failed" | "timed_out")))
+        .map(|h| {
+            format!(
+                "{}: {}",
+                h["host"].as_str().unwrap_or("?"),
+                h["error"]
+                    .as_str()
+                    .unwrap_or(h["state"].as_str().unwrap_or("?"))
+            )
+        })
+        .collect();
+    Some(format!(
+        "rollout {} to {} {state}: {}{}",
+        r["id"],
+        r["stage"].as_str().unwrap_or("?"),
+        r["reason"].as_str().unwrap_or("no reason given"),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", failed.join("; "))
+        }
+    ))
+}
+
 /// What was printed already, so each change is printed once.
 #[derive(Default)]
 pub struct Printed {
     rollouts: BTreeMap<i64, String>,
     hosts: BTreeMap<(i64, String), String>,
     pipelines: BTreeMap<i64, String>,
+    /// Rollouts whose halt was explained.
+    warned: BTreeSet<i64>,
 }
 
 impl Printed {

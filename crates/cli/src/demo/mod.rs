@@ -59,6 +59,10 @@ pub struct DemoArgs {
     /// With --ci: give up (exit 1) after this many seconds.
     #[arg(long, default_value_t = 180)]
     pub timeout: u64,
+    /// Make this host's app keep serving what it served before, as if its restart never
+    /// took: its health check fails, convoy switches it back, and the rollout rolls back.
+    #[arg(long, value_name = "HOST")]
+    pub broken_host: Option<String>,
     /// Keep the demo directory (configs, logs, releases) when it ends.
     #[arg(long)]
     pub keep: bool,
@@ -70,6 +74,14 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     if !(2..=50).contains(&args.hosts) {
         bail!(
             "--hosts {}: give 2 to 50 (staging takes 1 or 2, prod the rest)",
+            args.hosts
+        );
+    }
+    if let Some(b) = &args.broken_host
+        && !(1..=args.hosts).any(|i| *b == format!("web-{i}"))
+    {
+        bail!(
+            "--broken-host {b:?}: the hosts are web-1 … web-{}",
             args.hosts
         );
     }
@@ -249,7 +261,12 @@ fn demo(
         }
         children.spawn(
             &format!("{}-app", h.name),
-            app::serve_command(&bins.python, &h.root, h.port),
+            app::serve_command(
+                &bins.python,
+                &h.root,
+                h.port,
+                args.broken_host.as_deref() == Some(h.name.as_str()),
+            ),
         )?;
     }
     let api = Api::new(&fleet.url(), &fleet.token);
@@ -293,15 +310,25 @@ fn demo(
         ))
     };
     let mut printed = follow::Printed::default();
-    follow::pipeline(&api, APP, gate, &mut printed, children, stop, overall)?;
-    verify(&fleet, &sha)?;
-    println!(
-        "\nevery host runs {TAG} ({}), checked on disk and over HTTP; {:.0} s in all",
-        &sha[..12],
-        started.elapsed().as_secs_f64()
-    );
-    if args.ci {
-        return Ok(());
+    let failure = follow::pipeline(&api, APP, gate, &mut printed, children, stop, overall)?;
+    match (&failure, args.ci) {
+        (Some(why), true) => bail!("{why}"),
+        (Some(why), false) => println!(
+            "\n{why}. The fleet keeps running for you to look: `convoy history`, the dashboard, \
+             the logs in {}/logs.",
+            dir.display()
+        ),
+        (None, _) => {
+            verify(&fleet, &sha)?;
+            println!(
+                "\nevery host runs {TAG} ({}), checked on disk and over HTTP; {:.0} s in all",
+                &sha[..12],
+                started.elapsed().as_secs_f64()
+            );
+            if args.ci {
+                return Ok(());
+            }
+        }
     }
     println!(
         "\nThe fleet keeps running; Ctrl-C stops it. Try:\n\
