@@ -58,7 +58,10 @@ ensure_rabbitmq() {
   if command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then
     as_root systemctl start rabbitmq-server
   else
-    as_root rabbitmq-server -detached
+    # Without systemd (whose unit sets LimitNOFILE=65536) the node inherits this shell's
+    # file limit, often 1024: a few hundred connections then exhaust it and the broker stops
+    # answering new ones. Give it the hard limit.
+    as_root sh -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec rabbitmq-server -detached'
   fi
   for _ in $(seq 1 120); do
     if port_open 5672; then log "RabbitMQ is up"; return 0; fi
