@@ -402,7 +402,12 @@ async fn audit(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> ApiResult 
 
 async fn events(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     s.caller(&headers)?;
-    let stream = BroadcastStream::new(s.shared.events.subscribe()).map(|item| {
+    Ok(live_events(&s.shared))
+}
+
+/// The live stream (SSE) of rollout, pipeline and host events, for the API and the pages.
+pub fn live_events(shared: &Shared) -> Response {
+    let stream = BroadcastStream::new(shared.events.subscribe()).map(|item| {
         let event = match item {
             Ok(e) => SseEvent::default()
                 .event(e.kind)
@@ -412,7 +417,7 @@ async fn events(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Re
         };
         Ok::<_, Infallible>(event)
     });
-    Ok(Sse::new(stream)
+    Sse::new(stream)
         .keep_alive(KeepAlive::default())
-        .into_response())
+        .into_response()
 }

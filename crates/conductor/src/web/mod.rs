@@ -16,22 +16,18 @@ use crate::store::HistoryQuery;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::{Cookie, SameSite};
-use futures_util::StreamExt;
 use maud::Markup;
 use serde::Deserialize;
 use serde_json::Value;
 use session::{LOGIN_COOKIE, SESSION_COOKIE, Session, Sessions};
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_stream::wrappers::BroadcastStream;
 
 /// What the pages share: the API's state (store reader, engine, fleet) and the sessions.
 pub struct WebState {
@@ -774,16 +770,5 @@ async fn audit(
 
 /// The live stream for the pages (the same events as `/api/events`, with the session).
 async fn events(State(s): State<Arc<WebState>>, User(_): User) -> Response {
-    let stream = BroadcastStream::new(s.api.shared.events.subscribe()).map(|item| {
-        let event = match item {
-            Ok(e) => SseEvent::default()
-                .event(e.kind)
-                .data(serde_json::to_string(&e.data).unwrap_or_default()),
-            Err(_) => SseEvent::default().event("lagged").data("{}"),
-        };
-        Ok::<_, Infallible>(event)
-    });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    crate::api::live_events(&s.api.shared)
 }
