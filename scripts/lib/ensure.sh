@@ -61,7 +61,13 @@ ensure_rabbitmq() {
     # Without systemd (whose unit sets LimitNOFILE=65536) the node inherits this shell's
     # file limit, often 1024: a few hundred connections then exhaust it and the broker stops
     # answering new ones. Give it the hard limit.
-    as_root sh -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec rabbitmq-server -detached'
+    # Debian's rabbitmq-server switches user through su, whose PAM session puts the file
+    # limit back to 1024; start the node as its user without PAM so it keeps the hard limit.
+    as_root sh -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; cd /var/lib/rabbitmq &&
+      if command -v setpriv >/dev/null && [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+        exec setpriv --reuid rabbitmq --regid rabbitmq --init-groups env HOME=/var/lib/rabbitmq \
+          /usr/lib/rabbitmq/bin/rabbitmq-server -detached
+      else exec rabbitmq-server -detached; fi'
   fi
   for _ in $(seq 1 120); do
     if port_open 5672; then log "RabbitMQ is up"; return 0; fi
