@@ -1,5 +1,6 @@
 //! Everything the agent publishes goes through one ordered outbox: progress events and
-//! results leave in the order they were produced, each retried until the broker confirms.
+//! results are handed to the broker in the order they were produced (up to 32 awaiting
+//! their confirms at once), each retried until the broker confirms.
 //! Results are already in the journal before they are queued here, so a result not yet
 //! confirmed at shutdown is published again by the next start.
 
@@ -13,6 +14,32 @@ use tokio_util::sync::CancellationToken;
 enum Outbound {
     Event(Outgoing),
     Result(Outgoing, Entry),
+}
+
+/// Publishes awaiting their confirms at once.
+const IN_FLIGHT: usize = 32;
+
+/// Publishes one message: an event until confirmed or unroutable, a result until confirmed
+/// (then marked published in its journal entry).
+async fn send(
+    publisher: Arc<Publisher>,
+    item: Outbound,
+    cancel: CancellationToken,
+) -> Result<(), convoy_bus::PublishError> {
+    match item {
+        Outbound::Event(out) => publisher.publish_event(&out, &cancel).await.map(|_| ()),
+        Outbound::Result(out, entry) => {
+            let sent = publisher
+                .publish(&out, Retry::until_cancelled(cancel.clone()))
+                .await;
+            if sent.is_ok()
+                && let Err(e) = entry.mark_published()
+            {
+                tracing::warn!(error = %e, "could not mark a result published; it may be sent again");
+            }
+            sent
+        }
+    }
 }
 
 /// A handle to queue messages for publication.
@@ -29,30 +56,25 @@ impl Outbox {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
         let task = tokio::spawn(async move {
+            // Publishes are issued in queue order (the publisher's channel lock is fair) and
+            // their confirms awaited together: a result does not wait for each progress
+            // event before it to be confirmed one after the other.
+            let mut inflight = futures_util::stream::FuturesOrdered::new();
+            let mut open = true;
             loop {
-                let next = tokio::select! {
-                    next = rx.recv() => next,
-                    _ = cancel.cancelled() => None,
-                };
-                let Some(next) = next else { break };
-                let published = match next {
-                    Outbound::Event(out) => {
-                        publisher.publish_event(&out, &cancel).await.map(|_| ())
-                    }
-                    Outbound::Result(out, entry) => {
-                        let retry = Retry::until_cancelled(cancel.clone());
-                        let sent = publisher.publish(&out, retry).await;
-                        if sent.is_ok()
-                            && let Err(e) = entry.mark_published()
-                        {
-                            tracing::warn!(error = %e, "could not mark a result published; it may be sent again");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    next = rx.recv(), if open && inflight.len() < IN_FLIGHT => match next {
+                        Some(item) => inflight.push_back(send(publisher.clone(), item, cancel.clone())),
+                        None => open = false,
+                    },
+                    Some(published) = futures_util::StreamExt::next(&mut inflight), if !inflight.is_empty() => {
+                        if let Err(e) = published {
+                            tracing::info!(error = %e, "stopping the outbox with messages unpublished");
+                            break;
                         }
-                        sent
                     }
-                };
-                if let Err(e) = published {
-                    tracing::info!(error = %e, "stopping the outbox with messages unpublished");
-                    break;
+                    else => break,
                 }
             }
         });
