@@ -337,18 +337,8 @@ async fn act(
     Path((id, action)): Path<(i64, String)>,
 ) -> ApiResult {
     let user = s.deployer(&headers)?;
-    let request = match action.as_str() {
-        "abort" => Request::Abort(id),
-        "pause" => Request::Pause(id),
-        "resume" => Request::Resume(id),
-        "retry" => Request::Retry(id),
-        other => {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!("unknown action {other:?}: use abort, pause, resume or retry"),
-            ));
-        }
-    };
+    let request =
+        Request::rollout_action(id, &action).map_err(|e| ApiError(StatusCode::NOT_FOUND, e))?;
     Ok(Json(s.ask(request, user).await?))
 }
 

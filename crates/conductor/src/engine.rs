@@ -218,6 +218,22 @@ pub enum Request {
     Promote { app: String, stage: Option<String> },
 }
 
+impl Request {
+    /// A rollout action by its name in a URL (`/rollouts/{id}/{action}`); `Err` says which
+    /// names exist.
+    pub fn rollout_action(id: i64, action: &str) -> Result<Self, String> {
+        match action {
+            "abort" => Ok(Self::Abort(id)),
+            "pause" => Ok(Self::Pause(id)),
+            "resume" => Ok(Self::Resume(id)),
+            "retry" => Ok(Self::Retry(id)),
+            other => Err(format!(
+                "unknown action {other:?}: use abort, pause, resume or retry"
+            )),
+        }
+    }
+}
+
 /// One input to the engine.
 pub enum Input {
     Result {

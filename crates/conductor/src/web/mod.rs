@@ -357,12 +357,17 @@ async fn dashboard(State(s): State<Arc<WebState>>, User(u): User) -> Result<Resp
     Ok(html(StatusCode::OK, pages::dashboard(&u, &apps, &hosts)))
 }
 
-/// What each in-flight command reported last, by command id.
-fn current_steps(s: &WebState) -> BTreeMap<String, Value> {
-    let steps = s.api.shared.steps.lock().unwrap_or_else(|e| e.into_inner());
-    steps
+/// What each in-flight command of `r` reported last, by command id.
+fn current_steps(s: &WebState, r: &crate::rollout::Rollout) -> BTreeMap<String, Value> {
+    r.hosts
         .iter()
-        .map(|(id, p)| (id.to_string(), serde_json::json!(p)))
+        .filter_map(|h| h.command)
+        .filter_map(|id| {
+            s.api
+                .shared
+                .step_of(id)
+                .map(|p| (id.to_string(), serde_json::json!(p)))
+        })
         .collect()
 }
 
@@ -643,7 +648,7 @@ async fn rollout(
         .api
         .read(|st| st.results(id))
         .map_err(|e| WebError::from(e).for_user(&u))?;
-    let steps = current_steps(&s);
+    let steps = current_steps(&s, &r);
     let json = rollout_json(&r);
     Ok(html(
         StatusCode::OK,
@@ -658,19 +663,8 @@ async fn act(
     Form(f): Form<CsrfForm>,
 ) -> Result<Response, WebError> {
     user.may_change(f.csrf.as_deref())?;
-    let request = match action.as_str() {
-        "abort" => Request::Abort(id),
-        "pause" => Request::Pause(id),
-        "resume" => Request::Resume(id),
-        "retry" => Request::Retry(id),
-        other => {
-            return Err(WebError::new(
-                StatusCode::NOT_FOUND,
-                format!("Unknown action {other:?}: abort, pause, resume or retry."),
-            )
-            .for_user(&user.0));
-        }
-    };
+    let request = Request::rollout_action(id, &action)
+        .map_err(|e| WebError::new(StatusCode::NOT_FOUND, e).for_user(&user.0))?;
     user.ask(&s, request).await?;
     Ok(Redirect::to(&format!("/rollouts/{id}")).into_response())
 }
