@@ -6,14 +6,25 @@
 //! broker boots (#468). Instead every user asks [`Bus::connection`] for a live connection,
 //! every attempt is bounded by `connect_timeout_ms`, and the users (consumer loops,
 //! publisher retries) own what to re-declare and re-send.
+//!
+//! lapin runs each connection's I/O on its own thread, which nothing outside it can stop
+//! while the AMQP handshake is under way, and which keeps answering heartbeats for a
+//! connection nobody reads any more. So [`Bus`] keeps a duplicate of every connection's
+//! socket descriptor ([`Socket`]) and shuts the socket down itself when a connect times
+//! out or a connection is discarded: a stalled broker costs no leaked sockets or threads,
+//! and a consumer whose setup timed out cannot stay registered on a channel nobody reads,
+//! holding deliveries unacknowledged.
 
 use crate::backoff::Backoff;
 use crate::config::BusConfig;
 use crate::error::BusError;
-use lapin::tcp::OwnedTLSConfig;
-use lapin::uri::AMQPUri;
-use lapin::{Connect, Connection, ConnectionProperties};
+use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream, OwnedTLSConfig};
+use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::{Connection, ConnectionProperties};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -28,8 +39,17 @@ struct Inner {
     uri: AMQPUri,
     tls: Option<String>,
     name: String,
-    current: Mutex<Option<Arc<Connection>>>,
+    current: Mutex<Option<Live>>,
 }
+
+/// The current connection and the means to cut it.
+struct Live {
+    conn: Arc<Connection>,
+    socket: Arc<Socket>,
+}
+
+/// How long a discarded connection gets to close politely before its socket is cut.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,20 +117,22 @@ impl Bus {
     /// that must not give up use [`Bus::connection_retrying`].
     pub async fn connection(&self) -> Result<Arc<Connection>, BusError> {
         let mut current = self.inner.current.lock().await;
-        if let Some(conn) = current.as_ref()
-            && conn.status().connected()
+        if let Some(live) = current.as_ref()
+            && live.conn.status().connected()
         {
-            return Ok(conn.clone());
+            return Ok(live.conn.clone());
         }
         if let Some(dead) = current.take() {
             tracing::debug!(
-                errored = dead.status().errored(),
+                errored = dead.conn.status().errored(),
                 "dropping dead connection"
             );
+            dead.socket.cut();
         }
-        let conn = Arc::new(self.connect_once().await?);
+        let live = self.connect_once().await?;
         tracing::info!(url = %self.inner.config.redacted_url(), "connected to the broker");
-        *current = Some(conn.clone());
+        let conn = live.conn.clone();
+        *current = Some(live);
         Ok(conn)
     }
 
@@ -135,25 +157,42 @@ impl Bus {
         }
     }
 
-    /// Forgets `conn` if it is still the current connection, so the next user reconnects.
-    /// Used when a channel operation on it failed or timed out.
+    /// Gives up on `conn` when an operation on it failed or timed out in a way that says
+    /// the connection itself is unhealthy: the next user reconnects, and `conn` is closed
+    /// (politely if the broker answers within [`CLOSE_GRACE`], else its socket is cut), so
+    /// every channel and consumer still on it ends and the broker requeues what they held.
     pub async fn discard(&self, conn: &Arc<Connection>) {
         let mut current = self.inner.current.lock().await;
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-            *current = None;
+        if !current.as_ref().is_some_and(|c| Arc::ptr_eq(&c.conn, conn)) {
+            return;
         }
+        let Some(live) = current.take() else { return };
+        drop(current);
+        tracing::debug!("discarding the broker connection");
+        // Callers are on an error path and go on to reconnect: they need not wait for this.
+        tokio::spawn(async move {
+            if live.conn.status().connected() {
+                let close = live
+                    .conn
+                    .close(200, "convoy: connection stopped answering".into());
+                let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
+            }
+            live.socket.cut();
+        });
     }
 
     /// Closes the connection politely (on shutdown).
     pub async fn close(&self) {
-        if let Some(conn) = self.inner.current.lock().await.take()
-            && conn.status().connected()
-        {
-            let _ = conn.close(200, "convoy shutting down".into()).await;
+        if let Some(live) = self.inner.current.lock().await.take() {
+            if live.conn.status().connected() {
+                let close = live.conn.close(200, "convoy shutting down".into());
+                let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
+            }
+            live.socket.cut();
         }
     }
 
-    async fn connect_once(&self) -> Result<Connection, BusError> {
+    async fn connect_once(&self) -> Result<Live, BusError> {
         let url = self.inner.config.redacted_url();
         let props = ConnectionProperties::default()
             .with_connection_name(self.inner.name.clone().into())
@@ -167,15 +206,85 @@ impl Bus {
             source,
         })?;
         let timeout = self.inner.config.connect_timeout();
-        let attempt = self
-            .inner
-            .uri
-            .clone()
-            .connect_with_config(props, tls, runtime);
+        let socket = Arc::new(Socket::default());
+        let keep = socket.clone();
+        // What lapin's own `connect_with_config` does, but keeping the socket's descriptor.
+        let attempt = Connection::connector(
+            self.inner.uri.clone(),
+            runtime,
+            async move |uri: AMQPUri, runtime| {
+                let mut plain = uri.clone();
+                plain.scheme = AMQPScheme::AMQP;
+                let stream = plain
+                    .connect_with_config_async(tls.as_ref(), &runtime)
+                    .await?;
+                if let AsyncTcpStream::Plain(tcp) = &stream {
+                    keep.keep(tcp.get_ref().as_fd().try_clone_to_owned()?)?;
+                }
+                let stream = match uri.scheme {
+                    AMQPScheme::AMQPS => stream.into_tls(&uri.authority.host, tls.as_ref()).await?,
+                    AMQPScheme::AMQP => stream,
+                };
+                Ok(stream)
+            },
+            props,
+        );
         match tokio::time::timeout(timeout, attempt).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(source)) => Err(BusError::Connect { url, source }),
-            Err(_) => Err(BusError::ConnectTimeout { url, timeout }),
+            Ok(Ok(conn)) => Ok(Live {
+                conn: Arc::new(conn),
+                socket,
+            }),
+            Ok(Err(source)) => {
+                socket.cut();
+                Err(BusError::Connect { url, source })
+            }
+            Err(_) => {
+                // lapin's I/O thread would go on waiting for the handshake: end it.
+                socket.cut();
+                Err(BusError::ConnectTimeout { url, timeout })
+            }
         }
     }
+}
+
+/// A duplicate of a connection's socket descriptor. [`Socket::cut`] shuts the socket down,
+/// which ends lapin's I/O loop for it (reads see end-of-file, writes fail) whatever state
+/// it is in; the duplicate keeps the descriptor number from being reused under us.
+#[derive(Default)]
+struct Socket {
+    fd: std::sync::Mutex<Option<OwnedFd>>,
+    cut: AtomicBool,
+}
+
+impl Socket {
+    /// Called from lapin's I/O thread once TCP is connected. Refuses (and cuts at once)
+    /// when the attempt was already given up while the TCP connect was under way.
+    fn keep(&self, fd: OwnedFd) -> std::io::Result<()> {
+        let mut slot = self
+            .fd
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.cut.load(Ordering::SeqCst) {
+            shutdown(fd);
+            return Err(std::io::ErrorKind::ConnectionAborted.into());
+        }
+        *slot = Some(fd);
+        Ok(())
+    }
+
+    fn cut(&self) {
+        let mut slot = self
+            .fd
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.cut.store(true, Ordering::SeqCst);
+        if let Some(fd) = slot.take() {
+            shutdown(fd);
+        }
+    }
+}
+
+fn shutdown(fd: OwnedFd) {
+    // NotConnected just means the broker or lapin closed it first.
+    let _ = std::net::TcpStream::from(fd).shutdown(std::net::Shutdown::Both);
 }

@@ -277,11 +277,12 @@ impl Consumer {
         let (channel, mut consumer) =
             match tokio::time::timeout(self.bus.config().connect_timeout(), setup).await {
                 Ok(Ok(pair)) => pair,
-                Ok(Err(e)) => {
-                    self.bus.discard(&conn).await;
-                    return Err(e);
-                }
+                // A refusal (missing queue, permissions) ends only the channel: the
+                // connection stays for the daemon's other users.
+                Ok(Err(e)) => return Err(e),
                 Err(_) => {
+                    // It may have got as far as basic_consume: close the connection so no
+                    // consumer stays registered on a channel nobody reads.
                     self.bus.discard(&conn).await;
                     return Err(BusError::ConnectTimeout {
                         url: self.bus.config().redacted_url(),

@@ -256,9 +256,9 @@ impl Publisher {
             match tokio::time::timeout(self.bus.config().confirm_timeout(), publish).await {
                 Ok(Ok(confirm)) => (s.conn.clone(), confirm),
                 Ok(Err(source)) => {
-                    let conn = s.conn.clone();
+                    // The channel is closed; the next publish opens another (and
+                    // reconnects if the connection went with it).
                     *slot = None;
-                    self.bus.discard(&conn).await;
                     return Err(BusError::Amqp {
                         context: format!("publishing to {exchange}/{}", out.routing_key),
                         source,
@@ -337,10 +337,8 @@ impl Publisher {
         };
         match tokio::time::timeout(timeout, setup).await {
             Ok(Ok(channel)) => Ok(Slot { conn, channel }),
-            Ok(Err(e)) => {
-                self.bus.discard(&conn).await;
-                Err(e)
-            }
+            // A refused channel does not make the connection unhealthy.
+            Ok(Err(e)) => Err(e),
             Err(_) => {
                 self.bus.discard(&conn).await;
                 Err(BusError::ConnectTimeout {

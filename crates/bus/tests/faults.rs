@@ -218,3 +218,71 @@ async fn a_killed_consumer_hands_its_unacked_deliveries_to_its_successor() -> an
     assert_eq!(recorded, expected);
     Ok(())
 }
+
+/// A broker that accepts TCP connections and then never answers (what a broker out of
+/// file descriptors or stuck in boot looks like): every connect attempt times out, and
+/// each must close its socket rather than leave lapin's I/O thread waiting on it forever.
+#[tokio::test]
+async fn a_stalled_broker_leaves_no_sockets_open() -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let mut config = convoy_bus::BusConfig::new(
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        "t-stalled",
+    );
+    config.tuning.connect_timeout_ms = 300;
+    let bus = Bus::new(config, "stall-test")?;
+    const ATTEMPTS: usize = 3;
+    for _ in 0..ATTEMPTS {
+        let err = bus.connection().await.err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("could not connect") && e.contains("within")),
+            "connect to a silent broker must time out, got {err:?}"
+        );
+    }
+    // Every accepted socket is closed by the client: reads reach end-of-file after the
+    // protocol header, instead of blocking until the read timeout.
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        use std::io::Read;
+        listener.set_nonblocking(false)?;
+        for n in 0..ATTEMPTS {
+            let (mut socket, _) = listener.accept()?;
+            socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut received = Vec::new();
+            match socket.read_to_end(&mut received) {
+                Ok(_) => assert!(
+                    received.starts_with(b"AMQP"),
+                    "attempt {n} sent {received:?}, not an AMQP protocol header"
+                ),
+                Err(e) => anyhow::bail!("attempt {n}: the client left its socket open ({e})"),
+            }
+        }
+        Ok(())
+    })
+    .await?
+}
+
+/// A discarded connection is closed, not just forgotten: whatever channels and consumers
+/// were left on it end, so the broker requeues what they held.
+#[tokio::test]
+async fn a_discarded_connection_is_closed() -> anyhow::Result<()> {
+    let tb = TestBus::new();
+    let bus = Bus::new(tb.config(), "discard-test")?;
+    let first = bus.connection().await?;
+    let channel = first.create_channel().await?;
+    bus.discard(&first).await;
+    wait_until(
+        Duration::from_secs(5),
+        "the discarded connection and its channel to close",
+        || async { (!first.status().connected() && !channel.status().connected()).then_some(()) },
+    )
+    .await?;
+    let second = bus.connection().await?;
+    assert!(
+        !Arc::ptr_eq(&first, &second),
+        "discard must make the next user reconnect"
+    );
+    assert!(second.status().connected());
+    Ok(())
+}
