@@ -52,6 +52,10 @@ pub struct RepoConfig {
     pub token_file: Option<PathBuf>,
     /// The user name sent with the token (default `x-access-token`).
     pub token_user: Option<String>,
+    /// PEM certificates of the CA(s) that sign the `https://` server's certificate (the
+    /// intermediate, if one signs it). When set, only these are trusted for this repo; when
+    /// not, the system's CAs are (and a file named by `SSL_CERT_FILE`).
+    pub tls_ca_file: Option<PathBuf>,
     /// Accepted SSH host keys, OpenSSH `known_hosts` format (unhashed entries). Required for
     /// `ssh://` URLs: an unknown host key is refused.
     pub known_hosts: Option<PathBuf>,
@@ -74,6 +78,17 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("config key `repos.{name}`: {e}"))?;
             if repo.url.is_empty() {
                 anyhow::bail!("config key `repos.{name}.url` is required");
+            }
+            let https = repo.url.starts_with("https://");
+            if repo.token_file.is_some() && !https {
+                anyhow::bail!(
+                    "config key `repos.{name}.token_file` needs an https:// URL (the token would travel unencrypted or unused)"
+                );
+            }
+            if repo.tls_ca_file.is_some() && !https {
+                anyhow::bail!(
+                    "config key `repos.{name}.tls_ca_file` applies to https:// URLs only"
+                );
             }
             if repo.url.starts_with("ssh://") && repo.known_hosts.is_none() {
                 anyhow::bail!(
@@ -125,5 +140,38 @@ mod tests {
                 .to_string()
                 .contains("repos.shop.known_hosts")
         );
+    }
+
+    #[test]
+    fn a_token_or_a_ca_file_needs_an_https_url() {
+        for (url, key) in [
+            ("http://git.example.com/shop.git", "token_file"),
+            ("ssh://git@git.example.com/shop.git", "token_file"),
+            ("/srv/git/shop.git", "tls_ca_file"),
+        ] {
+            let mut config = Config {
+                host: Some("web1".into()),
+                ..Config::default()
+            };
+            let mut repo = RepoConfig {
+                url: url.into(),
+                known_hosts: Some("/etc/convoy/known_hosts".into()),
+                ..RepoConfig::default()
+            };
+            if key == "token_file" {
+                repo.token_file = Some("/etc/convoy/keys/shop.token".into());
+            } else {
+                repo.tls_ca_file = Some("/etc/convoy/ca.pem".into());
+            }
+            config.repos.insert("shop".into(), repo.clone());
+            let error = config.validate().unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("repos.shop.{key}")),
+                "{url}: {error}"
+            );
+            repo.url = "https://git.example.com/shop.git".into();
+            config.repos.insert("shop".into(), repo);
+            config.validate().unwrap();
+        }
     }
 }

@@ -12,6 +12,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+/// The user name sent with a token when `token_user` is not set: GitHub's convention (GitLab
+/// takes any name with an access token; other servers may want the account's name).
+pub const DEFAULT_TOKEN_USER: &str = "x-access-token";
+
 const REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
 
 /// Creates the bare mirror if missing, and keeps its `origin` URL as configured.
@@ -48,16 +52,19 @@ pub fn fetch(
     callbacks.credentials(|_url, user_from_url, allowed| {
         attempts.set(attempts.get() + 1);
         if attempts.get() > 3 {
-            return Err(git2::Error::from_str(
-                "the server refused our credentials 3 times; check ssh_key / token_file",
-            ));
+            return Err(git2::Error::from_str(&refused(config, allowed)));
         }
         credentials(config, user_from_url, allowed)
     });
-    callbacks.certificate_check(|cert, host| match cert.as_hostkey() {
-        Some(hostkey) => check_host_key(config, host, hostkey.hostkey()),
-        // TLS certificates: libgit2 verifies them against the system's CAs.
-        None => Ok(CertificateCheckStatus::CertificatePassthrough),
+    callbacks.certificate_check(|cert, host| {
+        if let Some(hostkey) = cert.as_hostkey() {
+            return check_host_key(config, host, hostkey.hostkey());
+        }
+        match (cert.as_x509(), &config.tls_ca_file) {
+            (Some(x509), Some(ca_file)) => check_tls_certificate(ca_file, host, x509.data()),
+            // libgit2 (OpenSSL) has checked it against the system's CAs: keep its verdict.
+            _ => Ok(CertificateCheckStatus::CertificatePassthrough),
+        }
     });
     callbacks.transfer_progress(|_| Instant::now() < deadline);
     callbacks.sideband_progress(|_| Instant::now() < deadline);
@@ -71,6 +78,20 @@ pub fn fetch(
         .map_err(|e| {
             if Instant::now() >= deadline {
                 "fetch abandoned at its deadline (fetch_timeout_s)".to_owned()
+            } else if e.code() == git2::ErrorCode::Auth
+                && let Some(key) = &config.ssh_key
+            {
+                // libssh2 gives up by itself after a refused key, without naming it.
+                format!("{} (ssh_key {})", e.message(), key.display())
+            } else if e.class() == git2::ErrorClass::Ssl
+                && e.message().contains("certificate")
+                && config.tls_ca_file.is_none()
+            {
+                // libgit2's words ("the SSL certificate is invalid") do not say against what.
+                format!(
+                    "{} (checked against the system's CAs; for a server with a private CA set tls_ca_file)",
+                    e.message()
+                )
             } else {
                 e.message().to_owned()
             }
@@ -115,7 +136,7 @@ fn credentials(
         let token = std::fs::read_to_string(file).map_err(|e| {
             git2::Error::from_str(&format!("reading token_file {}: {e}", file.display()))
         })?;
-        let user = config.token_user.as_deref().unwrap_or("x-access-token");
+        let user = config.token_user.as_deref().unwrap_or(DEFAULT_TOKEN_USER);
         return Cred::userpass_plaintext(user, token.trim());
     }
     if allowed.contains(CredentialType::USERNAME) {
@@ -128,6 +149,65 @@ fn credentials(
     Err(git2::Error::from_str(
         "the server wants credentials and none are configured for this repository (ssh_key or token_file)",
     ))
+}
+
+/// Why the fetch gives up after the server refused what the credential callback offered.
+fn refused(config: &RepoConfig, allowed: CredentialType) -> String {
+    match (&config.ssh_key, &config.token_file) {
+        (Some(key), _) if allowed.contains(CredentialType::SSH_KEY) => format!(
+            "the server kept refusing ssh_key {}; check that it is a deploy key the server accepts",
+            key.display()
+        ),
+        (_, Some(file)) if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) => format!(
+            "the server kept refusing the token in token_file {} (sent as user {}); check the token and token_user",
+            file.display(),
+            config.token_user.as_deref().unwrap_or(DEFAULT_TOKEN_USER)
+        ),
+        _ => "the server kept refusing our credentials; check ssh_key / token_file".to_owned(),
+    }
+}
+
+/// Checks a server's TLS certificate against `tls_ca_file` alone (the system's CAs are not
+/// consulted): it must chain to one of the file's certificates and name `host`. libgit2
+/// hands over only the server's own certificate, so an intermediate CA that signed it must be
+/// in the file too.
+fn check_tls_certificate(
+    ca_file: &Path,
+    host: &str,
+    der: &[u8],
+) -> Result<CertificateCheckStatus, git2::Error> {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let fail = |why: String| git2::Error::from_str(&why);
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| fail(format!("reading tls_ca_file {}: {e}", ca_file.display())))?;
+    for cert in certs {
+        let cert =
+            cert.map_err(|e| fail(format!("reading tls_ca_file {}: {e}", ca_file.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| fail(format!("tls_ca_file {}: {e}", ca_file.display())))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .map_err(|e| fail(format!("tls_ca_file {}: {e}", ca_file.display())))?;
+    let name = ServerName::try_from(host).map_err(|e| {
+        fail(format!(
+            "{host} is not a name a certificate can be checked for: {e}"
+        ))
+    })?;
+    match verifier.verify_server_cert(&CertificateDer::from(der), &[], &name, &[], UnixTime::now())
+    {
+        Ok(_) => Ok(CertificateCheckStatus::CertificateOk),
+        Err(e) => Err(fail(format!(
+            "{host}'s TLS certificate is not trusted by tls_ca_file {}: {e}; refusing to fetch",
+            ca_file.display()
+        ))),
+    }
 }
 
 fn check_host_key(

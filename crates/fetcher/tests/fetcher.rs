@@ -1,8 +1,10 @@
 //! Real fetcher processes mirroring a real git repository, driven by push events.
 
+mod common;
+
+use common::{next_report, push_event};
 use convoy_bus::{Bus, Consumer, Disposition, Incoming, Outgoing, Publisher, QueueSpec, Retry};
-use convoy_message::names::{Name, RefName, Sha};
-use convoy_message::{Body, FetchReport, FetchStatus, Message, PushChange, PushEvent, RefKind};
+use convoy_message::{Body, FetchReport, FetchStatus};
 use convoy_testkit::git::{self, git};
 use convoy_testkit::{BrokerNode, Daemon, Tap, TestBus, wait_until};
 use std::collections::{HashMap, HashSet};
@@ -41,23 +43,6 @@ impl Origin {
     }
 }
 
-fn push_event(sha: &str) -> anyhow::Result<Message> {
-    Ok(Message::new(
-        "hook@test",
-        Body::Push(PushEvent {
-            repo: Name::new("web")?,
-            git_ref: RefName::new("refs/heads/main")?,
-            ref_kind: RefKind::Branch,
-            old: Sha::zero(),
-            new: Sha::new(sha)?,
-            change: PushChange::Updated,
-            commits: vec![],
-            truncated: false,
-            pusher: None,
-        }),
-    ))
-}
-
 fn start_fetcher(
     tb: &TestBus,
     origin: &Origin,
@@ -83,13 +68,6 @@ fn start_fetcher(
         dir,
     )?;
     Ok((daemon, mirrors.join("web.git")))
-}
-
-async fn next_report(tap: &mut Tap, timeout: Duration) -> anyhow::Result<FetchReport> {
-    match tap.next(timeout).await?.message()?.body {
-        Body::Fetch(r) => Ok(r),
-        other => anyhow::bail!("not a fetch report: {other:?}"),
-    }
 }
 
 /// Reports until every host in `hosts` answered all of `want`; returns each host's reports.

@@ -2,7 +2,10 @@
 //! against known_hosts, and a wrong key or an unknown host failing at once instead of
 //! looping.
 
-use convoy_message::{Body, FetchReport, FetchStatus};
+mod common;
+
+use common::{next_report, start_fetcher};
+use convoy_message::{FetchReport, FetchStatus};
 use convoy_testkit::git::{self, git};
 use convoy_testkit::{Daemon, TestBus, wait_until};
 use std::path::Path;
@@ -28,25 +31,14 @@ fn keygen(path: &Path, kind: &[&str]) -> anyhow::Result<()> {
 async fn first_report(
     tb: &TestBus,
     dir: &Path,
-    name: &str,
+    host: &str,
     config: &str,
 ) -> anyhow::Result<(FetchReport, Daemon)> {
-    let mut tap = tb.tap(&["fetch.web.*"]).await?;
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, config)?;
-    tb.track(format!("{}.fetcher.{name}", tb.exchange));
-    let daemon = Daemon::spawn(
-        name,
-        Path::new(env!("CARGO_BIN_EXE_convoy-fetcher")),
-        &["--config", &path.to_string_lossy()],
-        &tb.env(),
-        dir,
-    )?;
-    let report = match tap.next(Duration::from_secs(60)).await?.message()?.body {
-        Body::Fetch(r) => r,
-        other => anyhow::bail!("not a fetch report: {other:?}"),
-    };
-    Ok((report, daemon))
+    let (daemon, mut tap) = start_fetcher(tb, dir, host, config, &[]).await?;
+    Ok((
+        next_report(&mut tap, Duration::from_secs(60)).await?,
+        daemon,
+    ))
 }
 
 #[tokio::test]
@@ -162,6 +154,13 @@ async fn fetching_over_ssh_checks_the_host_key_and_bounds_the_credentials() -> a
     )
     .await?;
     assert_eq!(r.status, FetchStatus::Failed);
+    assert!(
+        r.error
+            .as_deref()
+            .is_some_and(|e| e.contains("authentication") && e.contains("ssh_key")),
+        "{:?}",
+        r.error
+    );
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "took {:?}",

@@ -8,16 +8,19 @@
 //!   drop; [`Tap`], a throwaway queue that records what was published.
 //! - [`broker`]: [`BrokerNode`], a private RabbitMQ node to stop, kill and restart.
 //! - [`git`]: repositories made with the git CLI in temp dirs.
+//! - [`https`]: [`GitHttpsServer`], git over HTTPS with Basic auth; [`TestCa`], a throwaway CA.
 //! - [`process`]: [`Daemon`], a spawned binary with its log, killed on drop.
 //! - [`wait_until`]: polling with a deadline, never a bare sleep.
 
 pub mod broker;
 pub mod bus;
 pub mod git;
+pub mod https;
 pub mod process;
 
 pub use broker::BrokerNode;
 pub use bus::{Tap, TestBus};
+pub use https::{GitHttpsServer, TestCa};
 pub use process::Daemon;
 
 use std::time::Duration;
