@@ -10,6 +10,8 @@
 //! - [`pipeline`]: pipelines through stages, and gates (`auto`, `manual`, `tests`, and the
 //!   [`pipeline::GateCheck`] interface further checks implement).
 //! - [`store`]: the SQLite store every change is written to before it is acted on.
+//! - [`backup`]: a checked copy of the store taken while the conductor runs
+//!   (`convoy-conductor backup DEST`).
 //! - [`engine`]: the task that owns the store and the unfinished rollouts and pipelines and
 //!   handles one input at a time.
 //! - [`intake`]: the bus queues the conductor consumes.
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod backup;
 pub mod config;
 pub mod engine;
 pub mod fleet;

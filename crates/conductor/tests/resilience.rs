@@ -4,31 +4,8 @@ mod common;
 
 use common::{Fleet, Setup};
 use convoy_testkit::BrokerNode;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::Duration;
-
-/// Waits until at least `n` hosts of rollout `id` succeeded while it still runs.
-async fn wait_partway(fleet: &Fleet, id: i64, n: u64) -> anyhow::Result<Value> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = fleet.get(&format!("/api/rollouts/{id}"))?;
-        let ok = r["summary"]["counts"]["succeeded"].as_u64().unwrap_or(0);
-        if ok >= n {
-            anyhow::ensure!(
-                r["state"] == "running",
-                "the rollout ended before the fault: {}",
-                r["summary"]
-            );
-            return Ok(r);
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "no progress\n{}",
-            fleet.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn assert_each_host_ran_once(fleet: &Fleet, release: &str) {
     for h in &fleet.hosts {
@@ -68,7 +45,7 @@ async fn a_conductor_killed_mid_rollout_resumes_and_deploys_no_host_twice() -> a
     fleet.release("v1")?;
     fleet.wait_ref("v1").await?;
     let id = fleet.deploy("v1", "prod", json!({ "batches": 2 }))?;
-    let r = wait_partway(&fleet, id, 2).await?;
+    let r = fleet.wait_partway(id, 2).await?;
     let release = r["release"].as_str().unwrap_or_default().to_owned();
     // SIGKILL while the second batch is in its build hooks.
     if let Some(c) = fleet.conductor.as_mut() {
@@ -112,7 +89,7 @@ async fn a_broker_restarted_mid_rollout_does_not_stop_it() -> anyhow::Result<()>
         "prod",
         json!({ "batches": 2, "host_deadline_s": 120 }),
     )?;
-    let r = wait_partway(&fleet, id, 2).await?;
+    let r = fleet.wait_partway(id, 2).await?;
     let release = r["release"].as_str().unwrap_or_default().to_owned();
     broker.stop().await?;
     tokio::time::sleep(Duration::from_secs(1)).await;

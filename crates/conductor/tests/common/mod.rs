@@ -500,6 +500,29 @@ impl Fleet {
         }
     }
 
+    /// Waits until at least `n` hosts of rollout `id` succeeded while it still runs.
+    pub async fn wait_partway(&self, id: i64, n: u64) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = self.get(&format!("/api/rollouts/{id}"))?;
+            let ok = r["summary"]["counts"]["succeeded"].as_u64().unwrap_or(0);
+            if ok >= n {
+                anyhow::ensure!(
+                    r["state"] == "running",
+                    "the rollout ended before the fault: {}",
+                    r["summary"]
+                );
+                return Ok(r);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no progress\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until the conductor knows `tag` (the hook's push event arrived).
     pub async fn wait_ref(&self, tag: &str) -> anyhow::Result<()> {
         let body = json!({ "app": "web", "stage": self.first_stage()?, "ref": tag, "plan": true });
