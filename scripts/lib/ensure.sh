@@ -77,6 +77,19 @@ ensure_rabbitmq() {
   return 1
 }
 
+# Queues and exchanges of earlier test runs that were killed before they could clean up
+# (named t-<pid>-… by the testkit; their process is gone): each quorum queue holds broker file
+# handles, and a few hundred of them starve a broker started with a 1024 file limit.
+sweep_test_leftovers() {
+  if [ -n "${CONVOY_TEST_AMQP_URL:-}" ] || ! command -v rabbitmqctl >/dev/null; then return 0; fi
+  local queues exchanges
+  queues=$(as_root timeout 60 rabbitmqctl list_queues -q name 2>/dev/null) || return 0
+  exchanges=$(as_root timeout 60 rabbitmqctl list_exchanges -q name 2>/dev/null) || return 0
+  cargo build -q -p convoy-testkit --bin convoy-test-sweep
+  printf '%s\n' "$queues" | "${CARGO_TARGET_DIR:-target}/debug/convoy-test-sweep" || true
+  printf '%s\n' "$exchanges" | "${CARGO_TARGET_DIR:-target}/debug/convoy-test-sweep" --exchanges || true
+}
+
 # cargo-deb (from crates.io) for scripts/package. Built once into ~/.cargo/bin.
 ensure_cargo_deb() {
   if cargo deb --version >/dev/null 2>&1; then return 0; fi

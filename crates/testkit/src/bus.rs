@@ -90,6 +90,7 @@ impl Default for TestBus {
 impl Drop for TestBus {
     fn drop(&mut self) {
         let queues = self.queues.lock().map(|q| q.clone()).unwrap_or_default();
+        let n = queues.len();
         let url = self.url.clone();
         let exchange = self.exchange.clone();
         // Drop may run inside a runtime: clean up from a thread with its own.
@@ -104,11 +105,13 @@ impl Drop for TestBus {
                 let run = async {
                     let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
                     let ch = conn.create_channel().await?;
-                    for q in queues {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
+                    // Issued together: deleting a quorum queue takes a while, one after the
+                    // other a hundred agents' queues did not fit the time limit and stayed
+                    // behind on the shared broker, holding its file handles.
+                    let deletes = queues
+                        .iter()
+                        .map(|q| ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()));
+                    let _ = futures_util::future::join_all(deletes).await;
                     for ex in [exchange.clone(), format!("{exchange}.dead")] {
                         let _ = ch
                             .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
@@ -117,7 +120,8 @@ impl Drop for TestBus {
                     let _ = conn.close(200, "test done".into()).await;
                     Ok::<_, lapin::Error>(())
                 };
-                let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+                let limit = Duration::from_secs(5) + Duration::from_millis(100) * n as u32;
+                let _ = tokio::time::timeout(limit, run).await;
             });
         });
         let _ = cleanup.join();

@@ -12,8 +12,6 @@ use std::time::Duration;
 use uuid::Uuid;
 
 pub struct Host {
-    pub dir: tempfile::TempDir,
-    pub tb: TestBus,
     pub key: KeyPair,
     pub host: HostName,
     pub work: PathBuf,
@@ -24,6 +22,10 @@ pub struct Host {
     pub hook_log: PathBuf,
     pub agent: Option<Daemon>,
     publisher: Publisher,
+    // Dropped last (fields drop in order): the agent is stopped first, or it would declare
+    // its queue again after the bus cleanup deleted it, and leave it on the broker.
+    pub tb: TestBus,
+    pub dir: tempfile::TempDir,
 }
 
 /// The default hooks: each appends `<step> <release> <commit> <ref> <app> <host>` to hooks.log.

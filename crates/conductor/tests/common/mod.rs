@@ -82,8 +82,6 @@ impl Host {
 }
 
 pub struct Fleet {
-    pub dir: tempfile::TempDir,
-    pub tb: TestBus,
     pub origin: PathBuf,
     pub work: PathBuf,
     pub mirrors: PathBuf,
@@ -92,6 +90,10 @@ pub struct Fleet {
     pub conductor_config: PathBuf,
     pub port: u16,
     http: ureq::Agent,
+    // Dropped last (fields drop in order): agents and conductor are stopped first, or they
+    // would declare their queues again after the bus cleanup deleted them.
+    pub tb: TestBus,
+    pub dir: tempfile::TempDir,
 }
 
 /// Options for [`Fleet::new`].
@@ -266,6 +268,7 @@ impl Fleet {
         std::fs::write(&conductor_config, toml)?;
         tb.track(convoy_message::routing::queue::conductor(&tb.exchange));
         tb.track(convoy_message::routing::queue::heartbeats(&tb.exchange));
+        tb.track(convoy_message::routing::queue::progress(&tb.exchange));
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(20)))
