@@ -50,6 +50,7 @@ impl Ctx {
                 ("x-convoy-rejected-by".into(), self.from.clone()),
                 ("x-convoy-rejected-at".into(), Utc::now().to_rfc3339()),
             ],
+            transient: false,
         };
         if let Err(e) = self
             .dead

@@ -507,6 +507,7 @@ impl Consumer {
             kind,
             payload,
             headers,
+            transient: false,
         };
         let budget = self.bus.config().confirm_timeout() * 2;
         if let Err(e) = self.dead.publish(&out, Retry::within(budget)).await {

@@ -127,15 +127,19 @@ impl Role {
             Role::Conductor => {
                 let events = escape(&queue::conductor(exchange));
                 let beats = escape(&queue::heartbeats(exchange));
+                let progress = escape(&queue::progress(exchange));
+                let own = format!("{events}|{beats}|{progress}");
                 // Every host's command queue: the conductor declares one before its first
                 // command to a host, so the command waits for an agent not yet started.
                 let commands = format!("{ex}\\.cmd\\.[^.]+");
                 Grants {
-                    configure: format!("^({events}|{beats}|{commands})$"),
-                    write: format!("^({ex}|{dead}|{events}|{beats}|{commands})$"),
-                    read: format!("^({ex}|{events}|{beats}|{commands})$"),
+                    configure: format!("^({own}|{commands})$"),
+                    write: format!("^({ex}|{dead}|{own}|{commands})$"),
+                    read: format!("^({ex}|{own}|{commands})$"),
                     topic_write: "^cmd\\.[^.]+$".into(),
-                    topic_read: "^((push|build|fetch|deploy|inventory|heartbeat)\\.#|cmd\\.[^.]+)$"
+                    // Binding keys: `deploy.#` only to remove it (what 0.1 bound); results
+                    // and each progress step are bound as `deploy.*.*.<step>`.
+                    topic_read: "^((push|build|fetch|deploy|inventory|heartbeat)\\.#|deploy\\.\\*\\.\\*\\.[a-z_]+|cmd\\.[^.]+)$"
                         .into(),
                 }
             }

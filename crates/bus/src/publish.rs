@@ -32,6 +32,9 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
     /// Extra string headers (the dead-letter reason).
     pub headers: Vec<(String, String)>,
+    /// Not written to disk by the broker (delivery mode 1): progress events, which ride
+    /// the conductor's live queue. Everything else is persistent.
+    pub transient: bool,
 }
 
 impl Outgoing {
@@ -55,12 +58,13 @@ impl Outgoing {
             kind: message.kind().to_owned(),
             payload: message.encode()?,
             headers: Vec::new(),
+            transient: matches!(message.body, convoy_message::Body::Progress(_)),
         })
     }
 
     fn properties(&self) -> BasicProperties {
         let mut props = BasicProperties::default()
-            .with_delivery_mode(2)
+            .with_delivery_mode(if self.transient { 1 } else { 2 })
             .with_content_type("application/json".into())
             .with_message_id(self.id.to_string().into())
             .with_type(self.kind.as_str().into())

@@ -5,7 +5,10 @@
 //! - the dead-letter exchange `<exchange>.dead` (durable, fanout) and queue `<exchange>.dead`
 //!   (durable quorum), where refused messages wait with `x-convoy-reason` headers;
 //! - one durable quorum queue per consumer role, bound to the keys it needs, with no TTL and
-//!   no expiry: a host that is down finds its commands waiting.
+//!   no expiry: a host that is down finds its commands waiting;
+//! - except the conductor's progress queue `<exchange>.progress`: a durable *classic* queue,
+//!   bounded, taking transient messages (see [`QueueSpec::live`]) — progress only feeds the
+//!   live view, and a quorum queue's Raft commit per event slowed the results behind it.
 //!
 //! The shared objects (both exchanges and the dead-letter queue) are first checked
 //! passively ([`shared_channel`]), which needs no permission, and declared only when
@@ -15,12 +18,12 @@
 //!
 //! The queue of every consumer role is defined here once ([`QueueSpec::commands`],
 //! [`QueueSpec::fetcher`], [`QueueSpec::ci`], [`QueueSpec::conductor_events`],
-//! [`QueueSpec::conductor_heartbeats`]), so the daemons and `convoy bus setup` declare them
+//! [`QueueSpec::conductor_progress`], [`QueueSpec::conductor_heartbeats`]), so the daemons and `convoy bus setup` declare them
 //! with the same arguments.
 
 use crate::error::BusError;
 use convoy_message::names::{HostName, Name};
-use convoy_message::routing::queue;
+use convoy_message::routing::{self, queue};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
@@ -33,8 +36,14 @@ pub struct QueueSpec {
     pub bindings: Vec<String>,
     /// Only one consumer receives at a time; the others wait as hot standbys.
     pub single_active_consumer: bool,
-    /// Keep at most this many messages, dropping the oldest (heartbeats only).
+    /// Keep at most this many messages, dropping the oldest (heartbeats, progress).
     pub max_length: Option<u32>,
+    /// A classic queue for transient messages nobody needs after a broker restart (the
+    /// live progress view): no Raft round and no fsync per message. Everything else is a
+    /// quorum queue.
+    pub live: bool,
+    /// Bindings earlier versions made that this one must not have: removed on declare.
+    pub retired_bindings: Vec<String>,
 }
 
 impl QueueSpec {
@@ -44,6 +53,8 @@ impl QueueSpec {
             bindings,
             single_active_consumer: false,
             max_length: None,
+            live: false,
+            retired_bindings: Vec::new(),
         }
     }
 
@@ -78,15 +89,35 @@ impl QueueSpec {
         Self::new(queue::ci(exchange), vec!["push.#".into()])
     }
 
-    /// The conductor's event queue: pushes, builds, fetch reports, progress, results and
-    /// inventories.
+    /// The conductor's event queue: pushes, builds, fetch reports, results and inventories.
+    /// (Up to 0.1 it took progress too, by `deploy.#`: that binding is removed.)
     pub fn conductor_events(exchange: &str) -> Self {
-        Self::new(
-            queue::conductor(exchange),
-            ["push.#", "build.#", "fetch.#", "deploy.#", "inventory.#"]
+        Self {
+            retired_bindings: vec!["deploy.#".into()],
+            ..Self::new(
+                queue::conductor(exchange),
+                [
+                    "push.#",
+                    "build.#",
+                    "fetch.#",
+                    routing::RESULTS,
+                    "inventory.#",
+                ]
                 .map(String::from)
                 .to_vec(),
-        )
+            )
+        }
+    }
+
+    /// The conductor's progress queue: live (classic, transient messages), bounded. Progress
+    /// only feeds the live view, and on the durable event queue each event cost a Raft
+    /// commit: ten agents' progress delayed a batch's results by tens of milliseconds.
+    pub fn conductor_progress(exchange: &str) -> Self {
+        Self {
+            live: true,
+            max_length: Some(PROGRESS_QUEUE_MAX),
+            ..Self::new(queue::progress(exchange), routing::progress_bindings())
+        }
     }
 
     /// The conductor's heartbeat queue: bounded, dropping the oldest (only the newest
@@ -100,14 +131,12 @@ impl QueueSpec {
 
     fn arguments(&self, dead_letter_exchange: Option<&str>) -> FieldTable {
         let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
+        let kind = if self.live { "classic" } else { "quorum" };
+        args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
         if self.single_active_consumer {
             args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         }
-        if let (None, Some(dlx)) = (self.max_length, dead_letter_exchange) {
+        if let (None, false, Some(dlx)) = (self.max_length, self.live, dead_letter_exchange) {
             // Set explicitly (RabbitMQ 4 defaults quorum queues to 20 and drops beyond it):
             // far above the consumer's own poison check, with the dead-letter exchange as
             // the net, so nothing is dropped silently.
@@ -133,6 +162,9 @@ impl QueueSpec {
 
 /// Heartbeats kept waiting at most in the conductor's heartbeat queue.
 pub const HEARTBEAT_QUEUE_MAX: u32 = 200_000;
+
+/// Progress events kept waiting at most in the conductor's progress queue.
+pub const PROGRESS_QUEUE_MAX: u32 = 20_000;
 
 /// The dead-letter exchange's name for a given main exchange.
 pub fn dead_exchange(exchange: &str) -> String {
@@ -303,6 +335,21 @@ async fn declare_queue_on(
             .await
             .map_err(BusError::amqp(format!(
                 "binding {key:?} to queue {}",
+                spec.name
+            )))?;
+    }
+    for key in &spec.retired_bindings {
+        // Unbinding what is not bound is not an error for RabbitMQ.
+        channel
+            .queue_unbind(
+                spec.name.as_str().into(),
+                exchange.into(),
+                key.as_str().into(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BusError::amqp(format!(
+                "removing the old binding {key:?} from queue {}",
                 spec.name
             )))?;
     }

@@ -32,6 +32,7 @@ fn raw(key: &str, payload: Vec<u8>) -> Outgoing {
         kind: "command".into(),
         payload,
         headers: vec![],
+        transient: false,
     }
 }
 

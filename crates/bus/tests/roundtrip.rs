@@ -205,3 +205,119 @@ async fn a_concurrent_consumer_handles_several_at_once_each_once() -> anyhow::Re
     );
     Ok(())
 }
+
+/// The conductor's queues as an upgrade finds them: the event queue still bound to
+/// `deploy.#` from before progress had a queue of its own. Declaring today's specs removes
+/// that binding; results then reach only the event queue and progress only the progress
+/// queue, as transient messages.
+#[tokio::test]
+async fn progress_and_results_take_separate_queues_after_an_upgrade() -> anyhow::Result<()> {
+    use convoy_message::names::{HostName, ReleaseId};
+    use convoy_message::{DeployOutcome, DeployProgress, DeployResult, Step, StepState};
+    let tb = TestBus::new();
+    let bus = Bus::new(tb.config(), "lanes")?;
+    let events = QueueSpec::conductor_events(&tb.exchange);
+    let progress = QueueSpec::conductor_progress(&tb.exchange);
+    tb.track(events.name.clone());
+    tb.track(progress.name.clone());
+    let old = QueueSpec {
+        retired_bindings: vec![],
+        bindings: vec!["deploy.#".into()],
+        ..events.clone()
+    };
+    Consumer::new(bus.clone(), old).declare().await?;
+    Consumer::new(bus.clone(), events.clone()).declare().await?;
+
+    let host = HostName::new("web-1")?;
+    let app = Name::new("shop")?;
+    let command_id = uuid::Uuid::new_v4();
+    let step = Message::new(
+        "agent@web-1",
+        Body::Progress(DeployProgress {
+            command_id,
+            host: host.clone(),
+            app: app.clone(),
+            rollout: None,
+            release: ReleaseId::new("v1")?,
+            step: Step::Build,
+            state: StepState::Started,
+            duration_ms: None,
+        }),
+    );
+    let publisher = Publisher::new(bus.clone());
+    let out = Outgoing::message(&step)?;
+    assert!(
+        out.transient,
+        "progress must not be written to disk by the broker"
+    );
+    let err = publisher
+        .publish(&out, Retry::once())
+        .await
+        .expect_err("the old deploy.# binding must be gone from the event queue");
+    assert!(matches!(err, PublishError::Unroutable { .. }), "{err}");
+
+    Consumer::new(bus.clone(), progress.clone())
+        .declare()
+        .await?;
+    publisher.publish(&out, Retry::once()).await?;
+    let result = Message::new(
+        "agent@web-1",
+        Body::Result(DeployResult {
+            command_id,
+            host,
+            action: "deploy".into(),
+            app: Some(app),
+            rollout: None,
+            release: None,
+            outcome: DeployOutcome::Succeeded,
+            rolled_back: false,
+            current: None,
+            previous: None,
+            steps: vec![],
+            error: None,
+            started_at: chrono::Utc::now(),
+            duration_ms: 1,
+        }),
+    );
+    let out = Outgoing::message(&result)?;
+    assert!(!out.transient, "results are persistent");
+    publisher.publish(&out, Retry::once()).await?;
+
+    let got = |spec: QueueSpec| {
+        let bus = bus.clone();
+        async move {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let cancel = CancellationToken::new();
+            let handler = {
+                let seen = seen.clone();
+                move |incoming: Incoming| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock()
+                            .unwrap()
+                            .push(incoming.message.kind().to_owned());
+                        Disposition::Ack
+                    }
+                }
+            };
+            let consumer = Consumer::new(bus, spec);
+            let task = tokio::spawn({
+                let cancel = cancel.clone();
+                async move { consumer.run(&handler, cancel).await }
+            });
+            let _ = wait_until(Duration::from_secs(5), "a delivery", || {
+                let n = seen.lock().unwrap().len();
+                async move { (n >= 1).then_some(()) }
+            })
+            .await;
+            // Anything more would arrive within this.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cancel.cancel();
+            let _ = task.await;
+            seen.lock().unwrap().clone()
+        }
+    };
+    assert_eq!(got(events).await, vec!["result".to_owned()]);
+    assert_eq!(got(progress).await, vec!["progress".to_owned()]);
+    Ok(())
+}

@@ -378,6 +378,7 @@ pub async fn declare_topology(
     topology::declare_dead_queue(&channel, exchange).await?;
     let mut specs = vec![
         QueueSpec::conductor_events(exchange),
+        QueueSpec::conductor_progress(exchange),
         QueueSpec::conductor_heartbeats(exchange),
         QueueSpec::ci(exchange),
     ];

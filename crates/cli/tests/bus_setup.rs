@@ -246,6 +246,12 @@ async fn each_daemon_does_its_own_work_and_nothing_of_another_hosts() -> anyhow:
     publish(&ci_bus, "build.shop.succeeded").await?;
     let event = receive_one(conductor_bus.clone(), QueueSpec::conductor_events(EXCHANGE)).await?;
     assert_eq!(event.routing_key, "deploy.shop.web-1.result");
+    let step = receive_one(
+        conductor_bus.clone(),
+        QueueSpec::conductor_progress(EXCHANGE),
+    )
+    .await?;
+    assert_eq!(step.routing_key, "deploy.shop.web-1.build");
 
     // Another host's results, progress, heartbeats, commands: refused.
     for (what, bus, key) in [

@@ -3,7 +3,7 @@
 //!
 //! - `rollout`: 100 real agent processes (hooks that only append a line), batches of 10;
 //!   the orchestration overhead of each batch beyond the agents' own time, and the whole
-//!   rollout.
+//!   rollout. `serial`: the same with 20 agents one at a time (no agents sharing the cores).
 //! - `heartbeats`: 50,000 simulated hosts heartbeating every 10 s (5,000 messages/s) into a
 //!   conductor for 30 s; its CPU and memory.
 
@@ -52,8 +52,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-async fn rollout() -> anyhow::Result<()> {
-    let hosts = 100;
+/// A rollout of `hosts` agents in batches of `batch`.
+async fn rollout(hosts: usize, batch: usize) -> anyhow::Result<()> {
     let mut fleet = Fleet::new(Setup {
         hosts,
         ..Setup::default()
@@ -67,7 +67,7 @@ async fn rollout() -> anyhow::Result<()> {
     let warm = fleet.deploy(
         "v1",
         "prod",
-        json!({ "batches": [100], "host_deadline_s": 300 }),
+        json!({ "batches": [hosts], "host_deadline_s": 300 }),
     )?;
     fleet
         .wait_state(warm, &["succeeded"], Duration::from_secs(300))
@@ -78,7 +78,7 @@ async fn rollout() -> anyhow::Result<()> {
     let id = fleet.deploy(
         "v2",
         "prod",
-        json!({ "batches": [10], "host_deadline_s": 300 }),
+        json!({ "batches": [batch], "host_deadline_s": 300 }),
     )?;
     let r = fleet
         .wait_state(id, &["succeeded"], Duration::from_secs(300))
@@ -132,7 +132,7 @@ async fn rollout() -> anyhow::Result<()> {
     let whole = (time(&r["finished_at"]).unwrap_or_default()
         - time(&r["created_at"]).unwrap_or_default())
     .num_milliseconds();
-    println!("rollout of {hosts} agents in {batches} batches of 10:");
+    println!("rollout of {hosts} agents in {batches} batches of {batch}:");
     println!(
         "  whole rollout (created → finished): {whole} ms (observed by the client: {} ms)",
         observed.as_millis()
@@ -308,7 +308,12 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         if which.is_empty() || which.iter().any(|w| w == "rollout") {
-            rollout().await?;
+            rollout(100, 10).await?;
+        }
+        // The same with one host per batch: no agents competing for the two cores, so the
+        // per-batch figure is the orchestration floor on this machine.
+        if which.is_empty() || which.iter().any(|w| w == "serial") {
+            rollout(20, 1).await?;
         }
         if which.is_empty() || which.iter().any(|w| w == "heartbeats") {
             heartbeats().await?;

@@ -66,7 +66,17 @@ pub struct Shared {
     pub active: Mutex<BTreeMap<i64, Value>>,
     /// The step each command in flight reported last (memory only: what a host is doing
     /// now, for the dashboard). Dropped when the command's result arrives.
-    pub steps: Mutex<std::collections::HashMap<Uuid, DeployProgress>>,
+    pub steps: Mutex<Steps>,
+}
+
+/// What each command in flight is doing now, from its progress events; and the commands
+/// recently finished, whose late progress is ignored (progress and results travel on
+/// separate queues, so a step can arrive after its command's result).
+#[derive(Default)]
+pub struct Steps {
+    now: std::collections::HashMap<Uuid, DeployProgress>,
+    finished: std::collections::HashSet<Uuid>,
+    finished_order: std::collections::VecDeque<Uuid>,
 }
 
 impl Shared {
@@ -78,36 +88,49 @@ impl Shared {
             events,
             metrics: Metrics::default(),
             active: Mutex::new(BTreeMap::new()),
-            steps: Mutex::new(std::collections::HashMap::new()),
+            steps: Mutex::new(Steps::default()),
         })
     }
 
     /// Remembers what a command in flight is doing now.
     pub fn note_progress(&self, progress: &DeployProgress) {
         let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
-        if steps.len() >= MAX_TRACKED_STEPS {
+        if steps.finished.contains(&progress.command_id) {
+            return;
+        }
+        if steps.now.len() >= MAX_TRACKED_STEPS {
             // Results that never came (hosts that died mid-step): forget the oldest half.
             let mut ids: Vec<_> = steps
+                .now
                 .iter()
                 .map(|(id, p)| (*id, p.release.clone()))
                 .collect();
             ids.sort_by(|a, b| a.1.cmp(&b.1));
             for (id, _) in ids.into_iter().take(MAX_TRACKED_STEPS / 2) {
-                steps.remove(&id);
+                steps.now.remove(&id);
             }
         }
-        steps.insert(progress.command_id, progress.clone());
+        steps.now.insert(progress.command_id, progress.clone());
     }
 
-    /// The last step command `id` reported, while it is in flight.
+    /// The step command `id` reported last, while it runs.
     pub fn step_of(&self, id: Uuid) -> Option<DeployProgress> {
         let steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
-        steps.get(&id).cloned()
+        steps.now.get(&id).cloned()
     }
 
+    /// Command `id` has its result: forget its step, and ignore its late progress.
     pub fn forget_progress(&self, id: Uuid) {
         let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
-        steps.remove(&id);
+        steps.now.remove(&id);
+        if steps.finished.insert(id) {
+            steps.finished_order.push_back(id);
+            if steps.finished_order.len() > MAX_TRACKED_STEPS
+                && let Some(old) = steps.finished_order.pop_front()
+            {
+                steps.finished.remove(&old);
+            }
+        }
     }
 
     pub fn emit(&self, kind: &'static str, data: Value) {

@@ -1,43 +1,19 @@
-//! What the conductor consumes: its event queue (builds, pushes, fetch reports, progress,
-//! results, inventories) and its heartbeat queue.
+//! What the conductor consumes: its event queue (builds, pushes, fetch reports, results,
+//! inventories), its live progress queue and its heartbeat queue — declared as
+//! [`QueueSpec::conductor_events`], [`QueueSpec::conductor_progress`] and
+//! [`QueueSpec::conductor_heartbeats`], the same specs `convoy bus setup` declares.
 //!
 //! Results, builds, pushes and fetch reports go through the engine and are acknowledged only
 //! after the engine's transaction committed; progress and heartbeats only feed the live view
 //! and are acknowledged at once.
 
 use crate::engine::{Input, Shared};
-use convoy_bus::{Disposition, Incoming, QueueSpec};
-use convoy_message::routing::queue;
-use convoy_message::{Body, Rejection, RejectionCode};
+use convoy_bus::{Disposition, Incoming};
+use convoy_message::{Body, DeployProgress, Rejection, RejectionCode};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::{mpsc, oneshot};
-
-/// Heartbeats kept waiting at most (the oldest are dropped: only the newest matter).
-pub const HEARTBEAT_QUEUE_MAX: u32 = 200_000;
-
-/// The conductor's event queue.
-pub fn events_queue(exchange: &str) -> QueueSpec {
-    QueueSpec::new(
-        queue::conductor(exchange),
-        vec![
-            "push.#".into(),
-            "build.#".into(),
-            "fetch.#".into(),
-            "deploy.#".into(),
-            "inventory.#".into(),
-        ],
-    )
-}
-
-/// The conductor's heartbeat queue: bounded, dropping the oldest.
-pub fn heartbeat_queue(exchange: &str) -> QueueSpec {
-    QueueSpec {
-        max_length: Some(HEARTBEAT_QUEUE_MAX),
-        ..QueueSpec::new(queue::heartbeats(exchange), vec!["heartbeat.#".into()])
-    }
-}
 
 /// Handles one delivery of the event queue.
 pub async fn on_event(
@@ -71,9 +47,9 @@ pub async fn on_event(
             );
             Input::Fetch { report, done: tx }
         }
+        // Only from before progress had its own queue (an upgrade's leftovers).
         Body::Progress(p) => {
-            shared.note_progress(&p);
-            shared.emit("progress", json!(p));
+            note_progress(shared, &p);
             return Disposition::Ack;
         }
         Body::Inventory(i) => {
@@ -97,6 +73,23 @@ pub async fn on_event(
         Ok(true) => Disposition::Ack,
         _ => Disposition::Retry,
     }
+}
+
+/// Handles one delivery of the progress queue.
+pub fn on_progress(shared: &Arc<Shared>, incoming: Incoming) -> Disposition {
+    let Body::Progress(p) = incoming.message.body else {
+        return Disposition::DeadLetter(Rejection::new(
+            RejectionCode::UnknownKind,
+            "the progress queue takes only `progress` messages",
+        ));
+    };
+    note_progress(shared, &p);
+    Disposition::Ack
+}
+
+fn note_progress(shared: &Arc<Shared>, p: &DeployProgress) {
+    shared.note_progress(p);
+    shared.emit("progress", json!(p));
 }
 
 /// Handles one heartbeat.

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use convoy_bus::{Bus, Consumer, Incoming, Publisher};
+use convoy_bus::{Bus, Consumer, Incoming, Publisher, QueueSpec};
 use convoy_conductor::api::{self, ApiState};
 use convoy_conductor::config::Config;
 use convoy_conductor::engine::{Engine, Shared};
@@ -131,10 +131,17 @@ async fn run(config: Config, key: KeyPair) -> anyhow::Result<()> {
     // Declare our queues before saying ready: agents drop events nobody is bound to.
     // Results of a batch arrive together: handled at once, the engine commits them in one
     // transaction (group commit) instead of one fsync each.
-    let events = Consumer::new(bus.clone(), intake::events_queue(bus.exchange())).concurrent(32);
-    let beats = Consumer::new(bus.clone(), intake::heartbeat_queue(bus.exchange()));
+    let events =
+        Consumer::new(bus.clone(), QueueSpec::conductor_events(bus.exchange())).concurrent(32);
+    let progress = Consumer::new(bus.clone(), QueueSpec::conductor_progress(bus.exchange()));
+    let beats = Consumer::new(bus.clone(), QueueSpec::conductor_heartbeats(bus.exchange()));
     loop {
-        match async { events.declare().await.and(beats.declare().await) }.await {
+        let declared = async {
+            events.declare().await?;
+            progress.declare().await?;
+            beats.declare().await
+        };
+        match declared.await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot declare the conductor's queues; retrying");
@@ -184,11 +191,21 @@ async fn run(config: Config, key: KeyPair) -> anyhow::Result<()> {
         let token = life.token();
         tokio::spawn(async move { beats.without_dedup().run(&beat_handler, token).await })
     };
+    let s3 = shared.clone();
+    let progress_handler = move |incoming: Incoming| {
+        let s = s3.clone();
+        async move { intake::on_progress(&s, incoming) }
+    };
+    let progress_task = {
+        let token = life.token();
+        tokio::spawn(async move { progress.without_dedup().run(&progress_handler, token).await })
+    };
     life.ready(&format!("serving on {}", config.listen));
     tracing::info!(listen = %config.listen, apps = config.apps.len(), "conductor ready");
     life.stopping().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), events_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), beats_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), progress_task).await;
     match tokio::time::timeout(Duration::from_secs(5), engine_task).await {
         Ok(Ok(Err(e))) => tracing::error!(error = %e, "the engine stopped on a store error"),
         Err(_) => tracing::warn!("the engine did not stop within 5 s"),

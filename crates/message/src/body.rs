@@ -149,6 +149,20 @@ pub enum Step {
 }
 
 impl Step {
+    /// Every step, in order.
+    pub const ALL: [Step; 10] = [
+        Self::Verify,
+        Self::Export,
+        Self::Build,
+        Self::PreSwitch,
+        Self::Switch,
+        Self::Restart,
+        Self::Health,
+        Self::PostSwitch,
+        Self::Revert,
+        Self::Cleanup,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Verify => "verify",

@@ -13,6 +13,10 @@
 //! | `heartbeat.<host>`                 | `heartbeat` | convoy-heartbeat    |
 //!
 //! `<host>` is [`HostName::routing_word`] (dots become `_`), so every placeholder is one word.
+//!
+//! Progress and results share the `deploy.` prefix but not a queue: results go to the
+//! conductor's durable event queue (`deploy.*.*.result`), progress to its live progress
+//! queue (one binding per step, [`progress_bindings`]).
 
 use crate::body::{BuildStatus, Step};
 use crate::envelope::{Body, Message};
@@ -32,6 +36,17 @@ pub fn fetch(repo: &Name, host: &HostName) -> String {
 
 pub fn command(host: &HostName) -> String {
     format!("cmd.{}", host.routing_word())
+}
+
+/// The binding that takes every result (inventory results included: their app word is `_`).
+pub const RESULTS: &str = "deploy.*.*.result";
+
+/// The bindings that take every progress event and no result: one per step.
+pub fn progress_bindings() -> Vec<String> {
+    Step::ALL
+        .iter()
+        .map(|s| format!("deploy.*.*.{}", s.as_str()))
+        .collect()
 }
 
 pub fn progress(app: &Name, host: &HostName, step: Step) -> String {
@@ -87,9 +102,14 @@ pub mod queue {
         format!("{exchange}.ci")
     }
 
-    /// The conductor's event queue: builds, fetches, progress, results, inventories.
+    /// The conductor's event queue: pushes, builds, fetches, results, inventories.
     pub fn conductor(exchange: &str) -> String {
         format!("{exchange}.conductor")
+    }
+
+    /// The conductor's progress queue: live, bounded, not persisted.
+    pub fn progress(exchange: &str) -> String {
+        format!("{exchange}.progress")
     }
 
     /// The conductor's heartbeat queue, bounded: only the newest heartbeats matter.
@@ -119,5 +139,30 @@ mod tests {
         assert_eq!(result(Some(&app), &host), "deploy.shop.web-1_dc1.result");
         assert_eq!(result(None, &host), "deploy._.web-1_dc1.result");
         assert_eq!(queue::commands("convoy", &host), "convoy.cmd.web-1_dc1");
+    }
+
+    /// A topic match of `key` against `pattern` with `*` only (all convoy's split bindings use).
+    fn matches(pattern: &str, key: &str) -> bool {
+        let (p, k): (Vec<_>, Vec<_>) = (pattern.split('.').collect(), key.split('.').collect());
+        p.len() == k.len() && p.iter().zip(&k).all(|(p, k)| *p == "*" || p == k)
+    }
+
+    #[test]
+    fn progress_and_results_are_bound_apart() {
+        let host = HostName::new("web-1.dc1").unwrap();
+        let app = Name::new("shop").unwrap();
+        let bindings = progress_bindings();
+        for step in Step::ALL {
+            let key = progress(&app, &host, step);
+            assert!(bindings.iter().any(|b| matches(b, &key)), "{key} unbound");
+            assert!(!matches(RESULTS, &key), "{key} would reach the results");
+        }
+        for key in [result(Some(&app), &host), result(None, &host)] {
+            assert!(matches(RESULTS, &key), "{key} unbound");
+            assert!(
+                !bindings.iter().any(|b| matches(b, &key)),
+                "{key} would reach progress"
+            );
+        }
     }
 }

@@ -84,7 +84,12 @@ impl Fleet {
     /// The queues the demo's daemons declare (deleted from a shared broker at the end).
     pub fn queues(&self) -> Vec<String> {
         let ex = &self.exchange;
-        let mut q = vec![queue::dead(ex), queue::conductor(ex), queue::heartbeats(ex)];
+        let mut q = vec![
+            queue::dead(ex),
+            queue::conductor(ex),
+            queue::heartbeats(ex),
+            queue::progress(ex),
+        ];
         for h in &self.hosts {
             if let Ok(name) = HostName::new(h.name.as_str()) {
                 q.push(queue::commands(ex, &name));
