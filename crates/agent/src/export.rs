@@ -25,6 +25,8 @@ pub enum ExportError {
     RefMissing(String),
     #[error("git: {0}")]
     Git(#[from] git2::Error),
+    #[error(transparent)]
+    Ownership(#[from] crate::ownership::OwnershipError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -8,6 +8,7 @@
 //! - [`journal`]: the on-disk record of every command, its progress and its result.
 //! - [`execute`]: the steps of a deploy and the convergence after a crash.
 //! - [`export`]: the signed commit out of the host's own git mirror.
+//! - [`ownership`]: handing a new release (and the shared dirs it needs) to the app's user.
 //! - [`hooks`], [`health`]: running the app's hooks and health checks.
 //! - [`outbox`]: ordered, confirmed publication of progress and results.
 //! - [`fault`]: fault injection for the crash tests.
@@ -22,6 +23,7 @@ pub mod health;
 pub mod hooks;
 pub mod journal;
 pub mod outbox;
+pub mod ownership;
 
 pub use agent::Agent;
 pub use config::AgentConfig;

@@ -225,9 +225,12 @@ async fn a_hanging_hook_is_killed_at_its_timeout_with_its_children() -> anyhow::
     Ok(())
 }
 
+/// The release is the app user's: the build hook, run as that user, writes into its own
+/// release and into the shared dirs the agent made, as `bundle install --deployment` does;
+/// a symlink in the commit changes hands itself, never what it points to.
 #[tokio::test]
-async fn hooks_run_as_the_configured_user() -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+async fn hooks_run_as_the_configured_user_who_owns_the_new_release() -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     anyhow::ensure!(
         nix::unistd::geteuid().is_root(),
         "switching users needs root: run scripts/test as root"
@@ -237,11 +240,20 @@ async fn hooks_run_as_the_configured_user() -> anyhow::Result<()> {
     std::fs::set_permissions(h.path(), std::fs::Permissions::from_mode(0o755))?;
     std::fs::write(&h.hook_log, "")?;
     std::fs::set_permissions(&h.hook_log, std::fs::Permissions::from_mode(0o666))?;
+    // A commit with a symlink out of the app root, to a file of root's.
+    let outside = h.path().join("outside-file");
+    std::fs::write(&outside, "root's\n")?;
+    std::os::unix::fs::symlink(&outside, h.work.join("escape"))?;
+    h.release("v2", "app.txt", "v2\n")?;
     let config = std::fs::read_to_string(&h.config)?
         .replace("[apps.web]\n", "[apps.web]\nuser = \"nobody\"\n")
         .lines()
         .map(|l| {
-            if l.starts_with("post_switch = ") {
+            if l.starts_with("build = ") {
+                // Writes into the release (top level and a new directory) and into a
+                // shared directory the agent created.
+                r#"build = "id -un > \"$CONVOY_RELEASE_DIR/built-by\" && mkdir -p vendor/bundle && echo ok > vendor/bundle/ok && echo built >> log/build.log""#.to_owned()
+            } else if l.starts_with("post_switch = ") {
                 format!(
                     "post_switch = \"id -un >> {} && echo $HOME >> {}\"",
                     h.hook_log.display(),
@@ -256,7 +268,7 @@ async fn hooks_run_as_the_configured_user() -> anyhow::Result<()> {
     std::fs::write(&h.config, config)?;
     h.start_agent(&[])?;
     let mut results = h.results_tap().await?;
-    h.deploy_ok(&mut results, "v1", "r1").await?;
+    h.deploy_ok(&mut results, "v2", "r1").await?;
     let lines = h.hook_lines();
     let n = lines.len();
     anyhow::ensure!(n >= 2, "{lines:?}");
@@ -265,13 +277,54 @@ async fn hooks_run_as_the_configured_user() -> anyhow::Result<()> {
         "nobody",
         "the hook ran as the configured user"
     );
-    let home = nix::unistd::User::from_name("nobody")?
-        .map(|u| u.dir)
-        .unwrap_or_default();
+    let nobody =
+        nix::unistd::User::from_name("nobody")?.ok_or_else(|| anyhow::anyhow!("no user nobody"))?;
     assert_eq!(
         std::path::Path::new(&lines[n - 1]),
-        home,
+        nobody.dir,
         "with that user's HOME"
     );
+
+    let release = h.root.join("releases/r1");
+    assert_eq!(
+        std::fs::read_to_string(release.join("built-by"))?.trim(),
+        "nobody"
+    );
+    assert_eq!(
+        std::fs::read_to_string(release.join("vendor/bundle/ok"))?,
+        "ok\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(h.root.join("shared/log/build.log"))?,
+        "built\n"
+    );
+    let owner = |p: &std::path::Path| -> anyhow::Result<(u32, u32)> {
+        let m = std::fs::symlink_metadata(p)?;
+        Ok((m.uid(), m.gid()))
+    };
+    let user = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    for p in [
+        "",
+        "healthy",
+        "app.txt",
+        "escape",
+        "log",
+        "vendor/bundle/ok",
+    ] {
+        assert_eq!(owner(&release.join(p))?, user, "releases/r1/{p}");
+    }
+    assert_eq!(owner(&h.root.join("shared/log"))?, user, "shared/log");
+    // What the agent keeps: the root, releases/, shared/, the links, the marker; and
+    // whatever a committed symlink points to.
+    for p in [
+        "",
+        "releases",
+        "shared",
+        "current",
+        "releases/r1/.convoy-release.json",
+    ] {
+        assert_eq!(owner(&h.root.join(p))?, (0, 0), "{p}");
+    }
+    assert_eq!(owner(&outside)?, (0, 0), "the symlink's target");
     Ok(())
 }
