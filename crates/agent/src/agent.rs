@@ -14,7 +14,7 @@ use chrono::Utc;
 use convoy_bus::{Disposition, Handler, Incoming, Outgoing, Publisher, Retry, topology};
 use convoy_message::names::HostName;
 use convoy_message::signing::CommandVerifier;
-use convoy_message::{Command, Message, Rejection, RejectionCode, TrustSet, routing};
+use convoy_message::{Command, Message, Rejection, RejectionCode, routing};
 use nix::fcntl::{Flock, FlockArg};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -73,8 +73,7 @@ pub struct Agent {
 }
 
 fn load_verifier(config: &AgentConfig, host: &HostName) -> anyhow::Result<CommandVerifier> {
-    let trust = TrustSet::load_dir(&config.trusted_keys_dir)
-        .map_err(|e| anyhow::anyhow!("config key `trusted_keys_dir`: {e}"))?;
+    let trust = config.trusted_keys()?;
     if trust.is_empty() {
         tracing::warn!(dir = %config.trusted_keys_dir.display(),
             "no trusted keys: every command will be refused");

@@ -1,7 +1,9 @@
 //! The agent's configuration: `/etc/convoy/agent.toml`, layered (see convoy-daemon).
 
 use convoy_bus::{BusConfig, BusTuning, DEFAULT_AMQP_URL, DEFAULT_EXCHANGE};
+use convoy_message::TrustSet;
 use convoy_message::names::{HostName, Name};
+use convoy_message::signing::{KeyError, MAX_COMMAND_VALIDITY};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -168,9 +170,28 @@ impl AgentConfig {
         HostName::new(raw).map_err(|e| anyhow::anyhow!("config key `host`: {e}"))
     }
 
-    /// Checks what serde cannot: app names, roots, shared paths, health checks.
+    /// The fewest days the journal must remember a command for its replay to be
+    /// recognised: a command may be valid for [`MAX_COMMAND_VALIDITY`], and is accepted
+    /// `max_clock_skew_s` early and late.
+    pub fn min_journal_days(&self) -> u32 {
+        let validity = MAX_COMMAND_VALIDITY.num_seconds().unsigned_abs();
+        let secs = validity + 2 * u64::from(self.max_clock_skew_s);
+        u32::try_from(secs.div_ceil(86_400)).unwrap_or(u32::MAX)
+    }
+
+    /// Checks what serde cannot: app names, roots, shared paths, health checks, and a
+    /// journal that remembers commands as long as they can be replayed.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.host_name()?;
+        let min_days = self.min_journal_days();
+        if self.journal_days < min_days {
+            anyhow::bail!(
+                "config key `journal_days` = {} is below the minimum of {min_days}: a command may be valid for up to {} days, accepted `max_clock_skew_s` ({} s) early or late, and a command the journal has forgotten could run again; set journal_days = {min_days} or more",
+                self.journal_days,
+                MAX_COMMAND_VALIDITY.num_days(),
+                self.max_clock_skew_s
+            );
+        }
         for (name, app) in &self.apps {
             Name::new(name.as_str())
                 .map_err(|e| anyhow::anyhow!("config key `apps.{name}`: {e}"))?;
@@ -201,6 +222,29 @@ impl AgentConfig {
             }
         }
         Ok(())
+    }
+
+    /// Reads every `*.pub` in `trusted_keys_dir`. An error names the directory or the file
+    /// and says what to do: the agent does not start on it (exit 78), a reload is refused.
+    pub fn trusted_keys(&self) -> anyhow::Result<TrustSet> {
+        TrustSet::load_dir(&self.trusted_keys_dir).map_err(|e| {
+            let fix = match &e {
+                KeyError::ReadDir { .. } => {
+                    "create it, readable by root, and copy the conductor's public key (the `.pub` file `convoy keygen` wrote) into it"
+                }
+                KeyError::Read { .. } => "make it readable by root, or remove it",
+                KeyError::DuplicateKeyId { .. } => {
+                    "keep the file of the key the conductor signs with and remove the other (a new key needs an id of its own: `convoy keygen --id …`)"
+                }
+                _ => {
+                    "replace it with the conductor's `.pub` file, or move it out of the directory (every *.pub there is trusted)"
+                }
+            };
+            anyhow::anyhow!(
+                "config key `trusted_keys_dir` ({}): {e}; {fix}",
+                self.trusted_keys_dir.display()
+            )
+        })
     }
 
     /// The app's repository name.
@@ -249,5 +293,72 @@ mod tests {
         );
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("apps.shop.root"), "{err}");
+    }
+
+    #[test]
+    fn a_journal_shorter_than_a_command_can_live_is_refused() {
+        let mut config = AgentConfig {
+            host: Some("web1".into()),
+            ..AgentConfig::default()
+        };
+        assert_eq!(
+            config.min_journal_days(),
+            8,
+            "7 days and twice 120 s of skew"
+        );
+        config.validate().unwrap();
+        config.journal_days = 7;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("journal_days") && err.contains("minimum of 8"),
+            "{err}"
+        );
+        config.journal_days = 8;
+        config.validate().unwrap();
+        config.max_clock_skew_s = 0;
+        config.journal_days = 7;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_trusted_keys_are_named_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = AgentConfig {
+            trusted_keys_dir: dir.path().join("missing"),
+            ..AgentConfig::default()
+        };
+        let err = config.trusted_keys().unwrap_err().to_string();
+        assert!(
+            err.contains("trusted_keys_dir") && err.contains("missing"),
+            "{err}"
+        );
+        assert!(err.contains("create it"), "{err}");
+
+        config.trusted_keys_dir = dir.path().to_owned();
+        std::fs::write(dir.path().join("typo.pub"), "ssh-ed25519 AAAA me@laptop\n").unwrap();
+        let err = config.trusted_keys().unwrap_err().to_string();
+        assert!(
+            err.contains("typo.pub") && err.contains("replace it"),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join("typo.pub")).unwrap();
+
+        let bad_id = "convoy-ed25519-public ../x AAAA\n";
+        std::fs::write(dir.path().join("bad-id.pub"), bad_id).unwrap();
+        let err = config.trusted_keys().unwrap_err().to_string();
+        assert!(err.contains("bad-id.pub"), "{err}");
+        std::fs::remove_file(dir.path().join("bad-id.pub")).unwrap();
+
+        let a = convoy_message::KeyPair::generate("conductor").unwrap();
+        let b = convoy_message::KeyPair::generate("conductor").unwrap();
+        std::fs::write(dir.path().join("conductor.pub"), a.public_line()).unwrap();
+        std::fs::write(dir.path().join("conductor-new.pub"), b.public_line()).unwrap();
+        let err = config.trusted_keys().unwrap_err().to_string();
+        assert!(
+            err.contains("conductor.pub") && err.contains("conductor-new.pub"),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join("conductor-new.pub")).unwrap();
+        assert_eq!(config.trusted_keys().unwrap().len(), 1);
     }
 }

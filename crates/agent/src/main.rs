@@ -31,7 +31,9 @@ fn main() -> ExitCode {
         "convoy-agent",
         "agent",
         &cli.config,
-        AgentConfig::validate,
+        // The trusted keys are configuration too: a bad or unreadable key file, or two
+        // files with one key id, stop the agent with EX_CONFIG rather than a restart loop.
+        |c: &AgentConfig| c.validate().and_then(|()| c.trusted_keys().map(drop)),
     ) {
         Ok(c) => c,
         Err(code) => return code,

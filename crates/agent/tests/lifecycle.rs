@@ -73,3 +73,68 @@ async fn systemd_notifications_key_rotation_on_sighup_and_a_clean_stop() -> anyh
     assert!(status.success(), "{status:?}\n{}", agent.log());
     Ok(())
 }
+
+/// Starts the agent and expects it to stop at once with status 78, its message naming
+/// every part of `named`.
+async fn exits_78(h: &mut Host, what: &str, named: &[&str]) -> anyhow::Result<()> {
+    h.start_agent(&[])?;
+    let agent = h.agent.as_mut().expect("agent");
+    let status = agent.wait(Duration::from_secs(20)).await?;
+    let log = agent.log();
+    assert_eq!(status.code(), Some(78), "{what}: {status:?}\n{log}");
+    for part in named {
+        assert!(log.contains(part), "{what}: {part:?} not in\n{log}");
+    }
+    Ok(())
+}
+
+/// A key file that cannot be used is a configuration error: exit 78 (EX_CONFIG, which the
+/// unit does not restart in a loop), with the file and the fix named. So are two files with
+/// one key id, an unreadable key directory, and a journal too short to recognise replays.
+#[tokio::test]
+async fn bad_trusted_keys_and_a_short_journal_exit_78_naming_the_cause() -> anyhow::Result<()> {
+    let mut h = Host::new().await?;
+    let keys = h.path().join("keys");
+
+    let stray = keys.join("laptop.pub");
+    std::fs::write(&stray, "ssh-ed25519 AAAA me@laptop\n")?;
+    exits_78(
+        &mut h,
+        "a file that is not a key",
+        &["laptop.pub", "is not a convoy key file", "move it out"],
+    )
+    .await?;
+    std::fs::remove_file(&stray)?;
+
+    let twin = keys.join("test-signer-2.pub");
+    std::fs::write(&twin, KeyPair::generate("test-signer")?.public_line())?;
+    exits_78(
+        &mut h,
+        "two files with one key id",
+        &["test-signer.pub", "test-signer-2.pub", "\"test-signer\""],
+    )
+    .await?;
+    std::fs::remove_file(&twin)?;
+
+    let config = std::fs::read_to_string(&h.config)?;
+    std::fs::write(&h.config, format!("journal_days = 3\n{config}"))?;
+    exits_78(
+        &mut h,
+        "a journal shorter than a command may live",
+        &["journal_days", "minimum of 8"],
+    )
+    .await?;
+    std::fs::write(&h.config, &config)?;
+
+    // A missing (or unreadable) directory; `--check-config` says the same.
+    std::fs::remove_dir_all(&keys)?;
+    let shown = keys.to_string_lossy().into_owned();
+    exits_78(&mut h, "no key directory", &["trusted_keys_dir", &shown]).await?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_convoy-agent"))
+        .args(["--config", &h.config.to_string_lossy(), "--check-config"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains(&shown), "{stderr}");
+    Ok(())
+}

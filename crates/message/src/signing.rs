@@ -26,6 +26,11 @@ use std::path::{Path, PathBuf};
 /// signature over some other protocol's bytes.
 pub const SIGNING_CONTEXT: &[u8] = b"convoy-command-v1\n";
 
+/// The longest validity window a host accepts for a command (`expires_at - issued_at`).
+/// Whatever remembers command ids to recognise a replay must remember them at least this
+/// long (plus the allowed clock skew on either side).
+pub const MAX_COMMAND_VALIDITY: chrono::TimeDelta = chrono::TimeDelta::days(7);
+
 const SECRET_TAG: &str = "convoy-ed25519-secret";
 const PUBLIC_TAG: &str = "convoy-ed25519-public";
 
@@ -43,6 +48,19 @@ pub enum KeyError {
     Write {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("cannot read the trusted keys directory {path}: {source}")]
+    ReadDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{first} and {second} both carry key id {key_id:?}, and a key id must name exactly one key"
+    )]
+    DuplicateKeyId {
+        key_id: String,
+        first: PathBuf,
+        second: PathBuf,
     },
     #[error("{path} is not a convoy key file: {why}")]
     Format { path: PathBuf, why: String },
@@ -204,7 +222,7 @@ fn read_key_line(path: &Path, tag: &str) -> Result<(String, [u8; 32]), KeyError>
         return Err(format(&format!("expected it to start with {tag:?}")));
     }
     let key_id = words.next().ok_or_else(|| format("no key id"))?.to_owned();
-    check_key_id(&key_id)?;
+    check_key_id(&key_id).map_err(|e| format(&e.to_string()))?;
     let b64 = words.next().ok_or_else(|| format("no key material"))?;
     let bytes = B64
         .decode(b64)
@@ -252,21 +270,32 @@ impl TrustSet {
         Ok(key_id)
     }
 
-    /// Trusts every `*.pub` file in `dir`.
+    /// Trusts every `*.pub` file in `dir`. Two files carrying the same key id are refused:
+    /// which of them a signature is checked against must not depend on file names.
     pub fn load_dir(dir: &Path) -> Result<Self, KeyError> {
-        let read_err = |source| KeyError::Read {
+        let read_err = |source| KeyError::ReadDir {
             path: dir.to_owned(),
             source,
         };
         let mut set = Self::new();
-        let mut paths: Vec<PathBuf> = fs::read_dir(dir)
-            .map_err(read_err)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "pub"))
-            .collect();
+        let mut paths = Vec::new();
+        for entry in fs::read_dir(dir).map_err(read_err)? {
+            let path = entry.map_err(read_err)?.path();
+            if path.extension().is_some_and(|x| x == "pub") {
+                paths.push(path);
+            }
+        }
         paths.sort();
+        let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
         for path in paths {
-            set.insert_file(&path)?;
+            let key_id = set.insert_file(&path)?;
+            if let Some(first) = seen.insert(key_id.clone(), path.clone()) {
+                return Err(KeyError::DuplicateKeyId {
+                    key_id,
+                    first,
+                    second: path,
+                });
+            }
         }
         Ok(set)
     }
@@ -353,7 +382,7 @@ impl CommandVerifier {
             trust,
             host,
             max_skew: chrono::Duration::seconds(120),
-            max_validity: chrono::Duration::days(7),
+            max_validity: MAX_COMMAND_VALIDITY,
         }
     }
 
@@ -581,5 +610,35 @@ mod tests {
             KeyPair::load(&secret),
             Err(KeyError::Permissions { .. })
         ));
+    }
+
+    #[test]
+    fn two_files_with_one_key_id_are_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = KeyPair::generate("conductor").unwrap();
+        let new = KeyPair::generate("conductor").unwrap();
+        fs::write(dir.path().join("a-old.pub"), old.public_line()).unwrap();
+        fs::write(dir.path().join("b-new.pub"), new.public_line()).unwrap();
+        let err = TrustSet::load_dir(dir.path()).unwrap_err();
+        assert!(matches!(err, KeyError::DuplicateKeyId { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("a-old.pub") && text.contains("b-new.pub") && text.contains("conductor"),
+            "{text}"
+        );
+        // The same key under two names is refused too: which file counts must not matter.
+        fs::write(dir.path().join("b-new.pub"), old.public_line()).unwrap();
+        assert!(TrustSet::load_dir(dir.path()).is_err());
+        fs::remove_file(dir.path().join("b-new.pub")).unwrap();
+        assert_eq!(TrustSet::load_dir(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_unreadable_directory_is_named_as_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("trusted-keys");
+        let err = TrustSet::load_dir(&missing).unwrap_err();
+        assert!(matches!(err, KeyError::ReadDir { .. }), "{err}");
+        assert!(err.to_string().contains("trusted-keys"), "{err}");
     }
 }
