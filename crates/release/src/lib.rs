@@ -47,6 +47,12 @@ pub enum LayoutError {
     StrangeLink { path: PathBuf, target: PathBuf },
     #[error("shared path {0:?} must be relative, without '..'")]
     BadSharedPath(String),
+    #[error(
+        "shared path {entry:?}: {path} in the release is a symbolic link (from the commit); \
+         a shared path must not lead out of the release through one: remove the link from \
+         the repository or change `shared`"
+    )]
+    SharedThroughLink { entry: String, path: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LayoutError + '_ {
@@ -268,8 +274,27 @@ impl AppRoot {
                 fs::create_dir_all(parent).map_err(io_err(parent))?;
             }
             let in_release = release.join(&rel);
-            if let Some(parent) = in_release.parent() {
-                fs::create_dir_all(parent).map_err(io_err(parent))?;
+            // The release holds what the commit holds: a directory of it may be a symbolic
+            // link anywhere (`config -> /etc`). Walk the parents without following links, or
+            // root would replace files outside the release.
+            let mut parent = release.clone();
+            let components: Vec<_> = rel.components().collect();
+            for c in &components[..components.len().saturating_sub(1)] {
+                parent.push(c);
+                match fs::symlink_metadata(&parent) {
+                    Ok(m) if m.file_type().is_symlink() => {
+                        return Err(LayoutError::SharedThroughLink {
+                            entry: entry.clone(),
+                            path: parent,
+                        });
+                    }
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => fs::remove_file(&parent).map_err(io_err(&parent))?,
+                    Err(_) => {}
+                }
+                if !parent.exists() {
+                    fs::create_dir(&parent).map_err(io_err(&parent))?;
+                }
             }
             match fs::symlink_metadata(&in_release) {
                 Ok(m) if m.is_dir() => {
@@ -443,5 +468,35 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// A commit whose `config` is a link out of the release (`config -> <outside>`), and a
+    /// shared entry `config/db.yml`: refused, and nothing outside is touched.
+    #[test]
+    fn a_shared_path_never_leads_out_of_the_release_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("db.yml"), "precious").unwrap();
+        let root = AppRoot::new(dir.path());
+        root.ensure_layout().unwrap();
+        make(&root, "r1", 1);
+        let release = root.release_dir(&rid("r1"));
+        std::os::unix::fs::symlink(outside.path(), release.join("config")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), release.join("deep")).unwrap();
+        for entry in ["config/db.yml", "deep/a/b/", "config/new/"] {
+            let err = root
+                .link_shared(&rid("r1"), &[entry.into()])
+                .expect_err(entry);
+            assert!(
+                matches!(err, LayoutError::SharedThroughLink { .. }),
+                "{entry}: {err}"
+            );
+        }
+        assert_eq!(
+            fs::read_to_string(outside.path().join("db.yml")).unwrap(),
+            "precious"
+        );
+        let left: Vec<_> = fs::read_dir(outside.path()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "nothing created outside: {left:?}");
     }
 }
