@@ -182,8 +182,25 @@ impl AppRoot {
     }
 
     /// The marker of a release, if it is complete.
+    /// The release directory may belong to the app's user, who could put a FIFO, a link
+    /// or a huge file in the marker's place: it is opened without following links or
+    /// blocking, and read only if it is a small regular file.
     pub fn info(&self, id: &ReleaseId) -> Option<ReleaseInfo> {
-        let bytes = fs::read(self.release_dir(id).join(MARKER)).ok()?;
+        use nix::fcntl::OFlag;
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        const MAX_MARKER_BYTES: u64 = 64 * 1024;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+            .open(self.release_dir(id).join(MARKER))
+            .ok()?;
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() || meta.len() > MAX_MARKER_BYTES {
+            return None;
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_MARKER_BYTES).read_to_end(&mut bytes).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -468,6 +485,34 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// The app's user owns the release directory: a FIFO, a link or a huge file in the
+    /// marker's place makes the release incomplete, and never blocks the reader.
+    #[test]
+    fn a_marker_that_is_not_a_small_regular_file_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = AppRoot::new(dir.path());
+        root.ensure_layout().unwrap();
+        make(&root, "r1", 1);
+        assert!(root.info(&rid("r1")).is_some());
+        let marker = root.release_dir(&rid("r1")).join(MARKER);
+        let good = fs::read(&marker).unwrap();
+        fs::remove_file(&marker).unwrap();
+        let status = std::process::Command::new("mkfifo")
+            .arg(&marker)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert!(root.info(&rid("r1")).is_none(), "a FIFO is not a marker");
+        fs::remove_file(&marker).unwrap();
+        let elsewhere = dir.path().join("elsewhere.json");
+        fs::write(&elsewhere, &good).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &marker).unwrap();
+        assert!(root.info(&rid("r1")).is_none(), "a link is not a marker");
+        fs::remove_file(&marker).unwrap();
+        fs::write(&marker, vec![b' '; 100 * 1024]).unwrap();
+        assert!(root.info(&rid("r1")).is_none(), "too big");
     }
 
     /// A commit whose `config` is a link out of the release (`config -> <outside>`), and a
