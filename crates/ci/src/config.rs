@@ -138,8 +138,29 @@ impl Config {
                 anyhow::bail!("config key `jobs[{i}].job` must be a job path like `folder/name`");
             }
         }
+        let url = &self.jenkins.url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.contains(' ') {
+            anyhow::bail!(
+                "config key `jenkins.url`: {url:?} is not a URL like https://jenkins.example.com"
+            );
+        }
         self.jenkins_token()?;
-        self.notify_token()?;
+        // The endpoint is on with a token and an address; both must then be usable.
+        if let Some(token) = self.notify_token()?
+            && !self.notify.listen.is_empty()
+        {
+            if token.len() < 16 {
+                anyhow::bail!(
+                    "config key `notify.token` is shorter than 16 characters: use a long random token"
+                );
+            }
+            if self.notify.listen.parse::<std::net::SocketAddr>().is_err() {
+                anyhow::bail!(
+                    "config key `notify.listen`: {:?} is not an address like 127.0.0.1:8092 (empty disables the endpoint)",
+                    self.notify.listen
+                );
+            }
+        }
         Ok(())
     }
 

@@ -102,11 +102,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(resumed, "following builds requested before the restart");
     }
     let server = match config.notify_token()? {
+        // Config::validate checked the token's length and the address.
         Some(token) if !config.notify.listen.is_empty() => {
-            anyhow::ensure!(
-                token.len() >= 16,
-                "config key `notify.token` is shorter than 16 characters"
-            );
             let listener = tokio::net::TcpListener::bind(&config.notify.listen)
                 .await
                 .map_err(|e| {

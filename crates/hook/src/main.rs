@@ -60,10 +60,43 @@ fn load(args: &ConfigArgs) -> Result<Config, String> {
     convoy_daemon::load::<Config>("hook", args).map_err(|e| e.to_string())
 }
 
+/// Why a subcommand failed, which decides its exit status.
+enum Failure {
+    /// The configuration cannot be used: exit 78 (EX_CONFIG), which the units do not
+    /// restart in a loop (`RestartPreventExitStatus=78`).
+    Config(String),
+    /// Anything else: exit 1.
+    Run(String),
+}
+
+impl Failure {
+    fn run(e: impl std::fmt::Display) -> Self {
+        Self::Run(format!("{e:#}"))
+    }
+}
+
+/// Loads the config and checks it with `validate`; any fault is a [`Failure::Config`].
+fn load_valid(
+    args: &ConfigArgs,
+    validate: impl FnOnce(&Config) -> anyhow::Result<()>,
+) -> Result<Config, Failure> {
+    let config = load(args).map_err(Failure::Config)?;
+    validate(&config).map_err(|e| Failure::Config(format!("{e:#}")))?;
+    Ok(config)
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
+}
+
+/// Runs a daemon subcommand's future on its own runtime.
+fn block_on(main: impl std::future::Future<Output = anyhow::Result<()>>) -> Result<(), Failure> {
+    runtime()
+        .map_err(|e| Failure::Run(format!("cannot start the runtime: {e}")))?
+        .block_on(main)
+        .map_err(Failure::run)
 }
 
 fn main() -> ExitCode {
@@ -81,18 +114,19 @@ fn main() -> ExitCode {
         }
         Some(Command::Drain { watch }) => {
             logging::init("hook");
-            exit(load(&cli.config).and_then(|c| {
-                runtime()
-                    .map_err(|e| e.to_string())?
-                    .block_on(drain(c, watch))
-                    .map_err(|e| format!("{e:#}"))
-            }))
+            exit(load_valid(&cli.config, Config::validate).and_then(|c| block_on(drain(c, watch))))
         }
         Some(Command::Install { repo, name, binary }) => {
+            // The hook reads this config at every push and can only print a line when it is
+            // broken: refuse to install a hook that would announce nothing.
+            let checked = load_valid(&cli.config, Config::validate).map_err(|f| match f {
+                Failure::Config(e) => Failure::Config(format!("{e}; the hook was not installed")),
+                other => other,
+            });
             let binary = binary
                 .or_else(|| std::env::current_exe().ok())
                 .unwrap_or_else(|| "convoy-hook".into());
-            exit(
+            exit(checked.and_then(|_| {
                 install::install(
                     &repo,
                     &binary,
@@ -100,29 +134,24 @@ fn main() -> ExitCode {
                     cli.config.config.as_deref(),
                 )
                 .map(|note| println!("convoy-hook: {note}"))
-                .map_err(|e| format!("{e:#}")),
-            )
+                .map_err(Failure::run)
+            }))
         }
         Some(Command::Serve) => {
             logging::init("hook");
-            exit(load(&cli.config).and_then(|c| {
-                runtime()
-                    .map_err(|e| e.to_string())?
-                    .block_on(serve(c))
-                    .map_err(|e| format!("{e:#}"))
-            }))
+            exit(load_valid(&cli.config, Config::validate_serve).and_then(|c| block_on(serve(c))))
         }
     }
 }
 
-fn exit(result: Result<(), String>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("convoy-hook: {e}");
-            ExitCode::FAILURE
-        }
-    }
+fn exit(result: Result<(), Failure>) -> ExitCode {
+    let (code, e) = match result {
+        Ok(()) => return ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => (ExitCode::from(convoy_daemon::EXIT_CONFIG), e),
+        Err(Failure::Run(e)) => (ExitCode::FAILURE, e),
+    };
+    eprintln!("convoy-hook: {e}");
+    code
 }
 
 /// The hook: one warning line at most for the person pushing.
@@ -217,25 +246,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         spooled: spooled.clone(),
         from: format!("hook@{}", host.trim()),
     });
-    for (key, secret) in [
-        ("serve.github_secret", &receiver.github_secret),
-        ("serve.gitlab_token", &receiver.gitlab_token),
-        ("serve.gitea_secret", &receiver.gitea_secret),
-    ] {
-        if secret.as_ref().is_some_and(|s| s.len() < 16) {
-            anyhow::bail!(
-                "config key `{key}` is shorter than 16 characters: use a long random secret"
-            );
-        }
-    }
-    if receiver.github_secret.is_none()
-        && receiver.gitlab_token.is_none()
-        && receiver.gitea_secret.is_none()
-    {
-        anyhow::bail!(
-            "no forge is enabled: set serve.github_secret, serve.gitlab_token or serve.gitea_secret"
-        );
-    }
     let listener = tokio::net::TcpListener::bind(&config.serve.listen)
         .await
         .map_err(|e| anyhow::anyhow!("config key `serve.listen` ({}): {e}", config.serve.listen))?;
