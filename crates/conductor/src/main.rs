@@ -7,7 +7,7 @@ use convoy_conductor::api::{self, ApiState};
 use convoy_conductor::config::Config;
 use convoy_conductor::engine::{Engine, Shared};
 use convoy_conductor::intake;
-use convoy_conductor::store::Store;
+use convoy_conductor::store::{Store, StoreError};
 use convoy_conductor::web::{self, WebState};
 use convoy_daemon::{ConfigArgs, Lifecycle, logging};
 use convoy_message::KeyPair;
@@ -83,7 +83,36 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("convoy-conductor: {e:#}");
-            ExitCode::FAILURE
+            let damaged = e.downcast_ref::<EngineFailed>().is_some_and(|f| f.damaged)
+                || e.downcast_ref::<StoreError>().is_some_and(store_damaged);
+            if damaged {
+                eprintln!(
+                    "convoy-conductor: restarting will not fix this: restore a backup of the store (docs/operating.md#restoring)"
+                );
+                ExitCode::from(EXIT_STORE_DAMAGED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// The exit status for a store this conductor cannot read (sysexits' EX_DATAERR):
+/// restarting does not fix it, so convoy-conductor.service lists it in
+/// `RestartPreventExitStatus` with 78.
+const EXIT_STORE_DAMAGED: u8 = 65;
+
+/// Whether `e` says the store's contents are damaged or unreadable by this version, as
+/// opposed to a failure (I/O, a lock) that a restart may get past.
+fn store_damaged(e: &StoreError) -> bool {
+    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+    match e {
+        StoreError::Corrupt { .. } => true,
+        StoreError::Open { source, .. } | StoreError::Sql(source) => {
+            matches!(
+                source.sqlite_error_code(),
+                Some(DatabaseCorrupt | NotADatabase)
+            )
         }
     }
 }
@@ -162,7 +191,7 @@ async fn run(config: Config, key: KeyPair) -> anyhow::Result<()> {
         tx.clone(),
         life.token(),
     );
-    let engine_task = tokio::spawn(engine.run(rx));
+    let mut engine_task = tokio::spawn(engine.run(rx));
 
     let api = Arc::new(ApiState::new(shared.clone(), tx.clone(), reader));
     let token = life.token();
@@ -202,16 +231,53 @@ async fn run(config: Config, key: KeyPair) -> anyhow::Result<()> {
     };
     life.ready(&format!("serving on {}", config.listen));
     tracing::info!(listen = %config.listen, apps = config.apps.len(), "conductor ready");
-    life.stopping().await;
+    // The engine ends when shutdown was requested (checked first, hence `biased`), or when
+    // it cannot load the store: then the conductor must not go on serving an API that
+    // refuses every change. Stop at once, with the error, so that systemd or an operator
+    // sees it.
+    let engine_failure = tokio::select! {
+        biased;
+        _ = life.stopping() => None,
+        ended = &mut engine_task => {
+            let failure = engine_failure(ended);
+            tracing::error!(error = %failure, "the engine stopped; stopping the conductor");
+            life.shutdown();
+            Some(failure)
+        }
+    };
     let _ = tokio::time::timeout(Duration::from_secs(5), events_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), beats_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), progress_task).await;
-    match tokio::time::timeout(Duration::from_secs(5), engine_task).await {
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "the engine stopped on a store error"),
-        Err(_) => tracing::warn!("the engine did not stop within 5 s"),
-        _ => {}
+    if engine_failure.is_none() {
+        match tokio::time::timeout(Duration::from_secs(5), engine_task).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the engine stopped on a store error"),
+            Err(_) => tracing::warn!("the engine did not stop within 5 s"),
+            _ => {}
+        }
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     bus.close().await;
-    Ok(())
+    engine_failure.map_or(Ok(()), |f| Err(f.into()))
+}
+
+/// The engine ended before the conductor was asked to stop.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct EngineFailed {
+    message: String,
+    /// The store cannot be read ([`store_damaged`]): restarting does not help.
+    damaged: bool,
+}
+
+fn engine_failure(ended: Result<Result<(), StoreError>, tokio::task::JoinError>) -> EngineFailed {
+    let (message, damaged) = match ended {
+        // A StoreError's message already ends with its cause.
+        Ok(Err(e)) => (
+            format!("the engine cannot load the store: {e}"),
+            store_damaged(&e),
+        ),
+        Ok(Ok(())) => ("the engine stopped without being asked to".into(), false),
+        Err(e) => (format!("the engine failed: {e}"), false),
+    };
+    EngineFailed { message, damaged }
 }

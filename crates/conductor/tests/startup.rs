@@ -1,0 +1,69 @@
+//! A conductor whose engine cannot load the store stops at once, with the error and a
+//! status systemd does not restart into, instead of serving an API that refuses every change.
+
+mod common;
+
+use common::{Fleet, Setup};
+use convoy_testkit::Daemon;
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_record_it_cannot_read_stops_the_conductor_with_status_65() -> anyhow::Result<()>
+{
+    let mut fleet = Fleet::new(Setup {
+        hosts: 1,
+        ..Setup::default()
+    })
+    .await?;
+    // A real unfinished rollout: no agent runs, so its host never answers.
+    fleet.start_conductor().await?;
+    fleet.release("v1")?;
+    fleet.wait_ref("v1").await?;
+    let id = fleet.deploy("v1", "prod", json!({}))?;
+    if let Some(c) = fleet.conductor.as_mut() {
+        let status = c.terminate(Duration::from_secs(20)).await?;
+        anyhow::ensure!(status.success(), "{status}: {}", c.log());
+    }
+
+    // Its record is damaged (a torn write, a hand edit, a newer conductor's format).
+    let db = fleet.path().join("conductor/conductor.db");
+    let conn = rusqlite::Connection::open(&db)?;
+    let changed = conn.execute(
+        "UPDATE rollouts SET body = substr(body, 1, 40) WHERE id = ?1",
+        [id],
+    )?;
+    anyhow::ensure!(changed == 1, "rollout {id} not in the store");
+    drop(conn);
+
+    let config = fleet.conductor_config.to_string_lossy().into_owned();
+    let started = Instant::now();
+    let mut conductor = Daemon::spawn(
+        "conductor-damaged",
+        Path::new(env!("CARGO_BIN_EXE_convoy-conductor")),
+        &["--config", &config],
+        &fleet.tb.env(),
+        fleet.path(),
+    )?;
+    let status = conductor.wait(Duration::from_secs(20)).await;
+    let log = conductor.log();
+    let status = status.map_err(|e| anyhow::anyhow!("{e}\n{log}"))?;
+    assert_eq!(status.code(), Some(65), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        log.contains(
+            "convoy-conductor: the engine cannot load the store: the conductor's store holds a record it cannot read (rollout)"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("restore a backup"), "{log}");
+    // It no longer serves.
+    let api = std::net::TcpStream::connect(("127.0.0.1", fleet.port));
+    assert!(api.is_err(), "the API still listens:\n{log}");
+    Ok(())
+}
