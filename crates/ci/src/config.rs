@@ -42,7 +42,7 @@ pub struct Jenkins {
     /// The user's API token (or `token_file`).
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
-    /// Seconds between polls of a queue item or a build.
+    /// Milliseconds between polls of a queue item or a build (at least 100 are used).
     pub poll_interval_ms: u64,
     /// Seconds one HTTP request may take.
     pub request_timeout_s: u64,
