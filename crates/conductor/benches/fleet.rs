@@ -47,6 +47,20 @@ fn time(v: &Value) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// Every `*.log` below `dir`.
+fn walk_logs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk_logs(&path));
+        } else if path.extension().is_some_and(|e| e == "log") {
+            out.push(path);
+        }
+    }
+    out
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -127,6 +141,37 @@ async fn rollout(hosts: usize, batch: usize) -> anyhow::Result<()> {
             out_ms.push((start - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
             let end = start + chrono::Duration::milliseconds(ms as i64);
             back_ms.push((done - end).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+        }
+    }
+    // CONVOY_BENCH_LOGS=<dir>: keep every daemon's log and each host's timeline there
+    // (the agents' log lines carry microsecond timestamps to line up with these).
+    if let Ok(keep) = std::env::var("CONVOY_BENCH_LOGS") {
+        let keep = std::path::PathBuf::from(keep);
+        std::fs::create_dir_all(&keep)?;
+        let mut timeline = String::new();
+        for h in &hosts_v {
+            let res = r["results"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|res| res["command_id"] == h["command"]);
+            timeline.push_str(&format!(
+                "{} batch={} sent={} started={} duration_ms={} finished={}\n",
+                h["host"],
+                h["batch"],
+                h["sent_at"],
+                res.map(|x| x["started_at"].clone()).unwrap_or_default(),
+                res.map(|x| x["duration_ms"].clone()).unwrap_or_default(),
+                h["finished_at"],
+            ));
+        }
+        std::fs::write(keep.join("timeline.txt"), timeline)?;
+        for entry in walk_logs(fleet.path()) {
+            let name = entry
+                .strip_prefix(fleet.path())
+                .map(|p| p.to_string_lossy().replace('/', "_"))
+                .unwrap_or_default();
+            std::fs::copy(&entry, keep.join(name))?;
         }
     }
     let whole = (time(&r["finished_at"]).unwrap_or_default()
