@@ -224,9 +224,15 @@ impl Fleet {
                     config.display()
                 ),
             )?;
+            let host_name = convoy_message::names::HostName::new(name.as_str())?;
             tb.track(convoy_message::routing::queue::commands(
                 &tb.exchange,
-                &convoy_message::names::HostName::new(name.as_str())?,
+                &host_name,
+            ));
+            // Declared by the host's fetcher when the fleet has host daemons.
+            tb.track(convoy_message::routing::queue::fetcher(
+                &tb.exchange,
+                &host_name,
             ));
             hosts.push(Host {
                 name,
