@@ -108,9 +108,9 @@ fn store_damaged(e: &StoreError) -> bool {
     use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
     match e {
         StoreError::Corrupt { .. } => true,
-        StoreError::Open { source, .. } | StoreError::Sql(source) => {
+        StoreError::Open { cause, .. } | StoreError::Sql(cause) => {
             matches!(
-                source.sqlite_error_code(),
+                cause.sqlite_error_code(),
                 Some(DatabaseCorrupt | NotADatabase)
             )
         }

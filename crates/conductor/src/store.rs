@@ -22,18 +22,26 @@ use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the conductor's store {path}: {source}")]
+    // The causes are in the messages and not marked as sources: with both, `{:#}` printed
+    // each twice ("file is not a database: file is not a database").
+    #[error("the conductor's store {path}: {cause}")]
     Open {
         path: String,
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
     #[error("the conductor's store: {0}")]
-    Sql(#[from] rusqlite::Error),
-    #[error("the conductor's store holds a record it cannot read ({what}): {source}")]
+    Sql(rusqlite::Error),
+    #[error("the conductor's store holds a record it cannot read ({what}): {cause}")]
     Corrupt {
         what: String,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sql(e)
+    }
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -131,9 +139,9 @@ pub struct HistoryQuery {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self> {
-        let open_err = |source| StoreError::Open {
+        let open_err = |cause| StoreError::Open {
             path: path.display().to_string(),
-            source,
+            cause,
         };
         let conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
@@ -161,16 +169,21 @@ impl Store {
                 r.get(0)
             })
             .optional()?;
-        body.map(|b| parse(&b, "rollout")).transpose()
+        body.map(|b| parse(&b, &format!("rollout {id}")))
+            .transpose()
     }
 
     /// Rollouts that have not ended, oldest first.
     pub fn unfinished_rollouts(&self) -> Result<Vec<Rollout>> {
         let mut stmt = self.conn.prepare(
-            "SELECT body FROM rollouts WHERE state NOT IN ('succeeded','rolled_back','aborted','superseded') ORDER BY id",
+            "SELECT id, body FROM rollouts WHERE state NOT IN ('succeeded','rolled_back','aborted','superseded') ORDER BY id",
         )?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        rows.map(|b| parse(&b?, "rollout")).collect()
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        rows.map(|row| {
+            let (id, body) = row?;
+            parse(&body, &format!("rollout {id}"))
+        })
+        .collect()
     }
 
     /// Newest first, filtered.
@@ -256,7 +269,8 @@ impl Store {
                 r.get(0)
             })
             .optional()?;
-        body.map(|b| parse(&b, "pipeline")).transpose()
+        body.map(|b| parse(&b, &format!("pipeline {id}")))
+            .transpose()
     }
 
     pub fn pipelines(&self, app: Option<&str>, limit: usize) -> Result<Vec<Pipeline>> {
@@ -271,10 +285,14 @@ impl Store {
 
     pub fn unfinished_pipelines(&self) -> Result<Vec<Pipeline>> {
         let mut stmt = self.conn.prepare(
-            "SELECT body FROM pipelines WHERE state NOT IN ('succeeded','failed','aborted') ORDER BY id",
+            "SELECT id, body FROM pipelines WHERE state NOT IN ('succeeded','failed','aborted') ORDER BY id",
         )?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        rows.map(|b| parse(&b?, "pipeline")).collect()
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        rows.map(|row| {
+            let (id, body) = row?;
+            parse(&body, &format!("pipeline {id}"))
+        })
+        .collect()
     }
 
     pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>> {
@@ -348,9 +366,9 @@ impl Tx<'_> {
     }
 
     pub fn save_rollout(&self, rollout: &Rollout) -> Result<()> {
-        let body = serde_json::to_string(rollout).map_err(|source| StoreError::Corrupt {
+        let body = serde_json::to_string(rollout).map_err(|cause| StoreError::Corrupt {
             what: format!("rollout {}", rollout.id),
-            source,
+            cause,
         })?;
         self.tx.execute(
             "UPDATE rollouts SET state = ?2, updated_at = ?3, body = ?4 WHERE id = ?1",
@@ -380,9 +398,9 @@ impl Tx<'_> {
 
     /// Stores a result; false when one for this command is already stored.
     pub fn insert_result(&self, rollout: Option<i64>, result: &DeployResult) -> Result<bool> {
-        let body = serde_json::to_string(result).map_err(|source| StoreError::Corrupt {
+        let body = serde_json::to_string(result).map_err(|cause| StoreError::Corrupt {
             what: format!("result of {}", result.command_id),
-            source,
+            cause,
         })?;
         let n = self.tx.execute(
             "INSERT OR IGNORE INTO results (command, rollout, host, body, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -401,9 +419,9 @@ impl Tx<'_> {
     }
 
     pub fn save_pipeline(&self, p: &Pipeline) -> Result<()> {
-        let body = serde_json::to_string(p).map_err(|source| StoreError::Corrupt {
+        let body = serde_json::to_string(p).map_err(|cause| StoreError::Corrupt {
             what: format!("pipeline {}", p.id),
-            source,
+            cause,
         })?;
         self.tx.execute(
             "UPDATE pipelines SET state = ?2, updated_at = ?3, body = ?4 WHERE id = ?1",
@@ -474,8 +492,8 @@ fn ts(at: DateTime<Utc>) -> String {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &str, what: &str) -> Result<T> {
-    serde_json::from_str(body).map_err(|source| StoreError::Corrupt {
+    serde_json::from_str(body).map_err(|cause| StoreError::Corrupt {
         what: what.to_owned(),
-        source,
+        cause,
     })
 }

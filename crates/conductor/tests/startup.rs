@@ -55,12 +55,16 @@ async fn a_rollout_record_it_cannot_read_stops_the_conductor_with_status_65() ->
         "took {:?}",
         started.elapsed()
     );
-    assert!(
-        log.contains(
-            "convoy-conductor: the engine cannot load the store: the conductor's store holds a record it cannot read (rollout)"
-        ),
-        "{log}"
+    let expected = format!(
+        "convoy-conductor: the engine cannot load the store: the conductor's store holds a record it cannot read (rollout {id}): EOF"
     );
+    assert!(log.contains(&expected), "{expected}\n{log}");
+    // The cause once, not repeated as the error's source.
+    let line = log
+        .lines()
+        .find(|l| l.contains(&expected))
+        .unwrap_or_default();
+    assert_eq!(line.matches("EOF while parsing").count(), 1, "{line}");
     assert!(log.contains("restore a backup"), "{log}");
     // It no longer serves.
     let api = std::net::TcpStream::connect(("127.0.0.1", fleet.port));
