@@ -10,9 +10,7 @@ use convoy_bus::{
 use convoy_message::names::{HostName, Name};
 use convoy_message::routing::{self, queue};
 use convoy_message::{Body, Heartbeat, Message, Step};
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::Value;
@@ -409,6 +407,10 @@ async fn each_daemon_does_its_own_work_and_nothing_of_another_hosts() -> anyhow:
         raw(&agent1, |ch| {
             let q = cmd2.clone();
             async move {
+                // In confirm mode the refusal (which closes the channel) fails the pending
+                // confirm with the broker's reason. A later round trip instead raced the
+                // close and sometimes saw only "invalid channel state: Closed".
+                ch.confirm_select(Default::default()).await?;
                 ch.basic_publish(
                     "".into(),
                     q.as_str().into(),
@@ -416,16 +418,7 @@ async fn each_daemon_does_its_own_work_and_nothing_of_another_hosts() -> anyhow:
                     b"{}",
                     Default::default(),
                 )
-                .await?;
-                // The refusal closes the channel; a round trip makes it show.
-                ch.queue_declare(
-                    "amq.gen-none".into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
+                .await?
                 .await
                 .map(drop)
             }
