@@ -33,27 +33,6 @@ use std::time::{Duration, Instant};
 /// in batches of 10 would set so a whole batch runs at once (the default, 5, would halve it).
 const FORKS: usize = 10;
 
-fn build_siblings() -> anyhow::Result<()> {
-    let me = std::env::current_exe()?;
-    let release = me.to_string_lossy().contains("/release/");
-    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo.args([
-        "build",
-        "--quiet",
-        "-p",
-        "convoy-agent",
-        "-p",
-        "convoy-hook",
-        "-p",
-        "convoy",
-    ]);
-    if release {
-        cargo.arg("--release");
-    }
-    anyhow::ensure!(cargo.status()?.success(), "building the agent and hook");
-    Ok(())
-}
-
 /// `ansible-playbook`: $CONVOY_ANSIBLE_PLAYBOOK, else the workspace's venv, else PATH.
 fn find_playbook() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("CONVOY_ANSIBLE_PLAYBOOK") {
@@ -538,7 +517,7 @@ fn main() -> anyhow::Result<()> {
     };
     let playbook = find_playbook()?;
     let version = Command::new(&playbook).arg("--version").output()?;
-    build_siblings()?;
+    common::build_siblings()?;
     println!(
         "{} ({}), forks {FORKS}, pipelining on, no fact gathering; {} cores",
         String::from_utf8_lossy(&version.stdout)

@@ -19,28 +19,6 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn build_siblings() -> anyhow::Result<()> {
-    let me = std::env::current_exe()?;
-    let release = me.to_string_lossy().contains("/release/");
-    let mut cargo =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo.args([
-        "build",
-        "--quiet",
-        "-p",
-        "convoy-agent",
-        "-p",
-        "convoy-hook",
-        "-p",
-        "convoy",
-    ]);
-    if release {
-        cargo.arg("--release");
-    }
-    anyhow::ensure!(cargo.status()?.success(), "building the agent and hook");
-    Ok(())
-}
-
 fn time(v: &Value) -> Option<DateTime<Utc>> {
     v.as_str()
         .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
@@ -346,7 +324,7 @@ fn main() -> anyhow::Result<()> {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    build_siblings()?;
+    common::build_siblings()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -97,6 +97,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs a consumer that only feeds the live view (heartbeats, progress): acked at once,
+/// no engine round trip, and no de-duplication (a repeat changes nothing).
+fn spawn_live(
+    consumer: Consumer,
+    shared: Arc<Shared>,
+    handle: fn(&Arc<Shared>, Incoming) -> convoy_bus::Disposition,
+    token: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), convoy_bus::BusError>> {
+    let handler = move |incoming: Incoming| {
+        let shared = shared.clone();
+        async move { handle(&shared, incoming) }
+    };
+    tokio::spawn(async move { consumer.without_dedup().run(&handler, token).await })
+}
+
 /// The exit status for a store this conductor cannot read (sysexits' EX_DATAERR):
 /// restarting does not fix it, so convoy-conductor.service lists it in
 /// `RestartPreventExitStatus` with 78.
@@ -211,24 +226,8 @@ async fn run(config: Config, key: KeyPair) -> anyhow::Result<()> {
         let token = life.token();
         tokio::spawn(async move { events.run(&handler, token).await })
     };
-    let s2 = shared.clone();
-    let beat_handler = move |incoming: Incoming| {
-        let s = s2.clone();
-        async move { intake::on_heartbeat(&s, incoming) }
-    };
-    let beats_task = {
-        let token = life.token();
-        tokio::spawn(async move { beats.without_dedup().run(&beat_handler, token).await })
-    };
-    let s3 = shared.clone();
-    let progress_handler = move |incoming: Incoming| {
-        let s = s3.clone();
-        async move { intake::on_progress(&s, incoming) }
-    };
-    let progress_task = {
-        let token = life.token();
-        tokio::spawn(async move { progress.without_dedup().run(&progress_handler, token).await })
-    };
+    let beats_task = spawn_live(beats, shared.clone(), intake::on_heartbeat, life.token());
+    let progress_task = spawn_live(progress, shared.clone(), intake::on_progress, life.token());
     life.ready(&format!("serving on {}", config.listen));
     tracing::info!(listen = %config.listen, apps = config.apps.len(), "conductor ready");
     // The engine ends when shutdown was requested (checked first, hence `biased`), or when

@@ -581,3 +581,26 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// For benches: builds the binaries a fleet runs beside the bench (agent, hook, CLI) in the
+/// bench's own profile, since `cargo bench` builds only the package's own.
+pub fn build_siblings() -> anyhow::Result<()> {
+    let me = std::env::current_exe()?;
+    let release = me.to_string_lossy().contains("/release/");
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo.args([
+        "build",
+        "--quiet",
+        "-p",
+        "convoy-agent",
+        "-p",
+        "convoy-hook",
+        "-p",
+        "convoy",
+    ]);
+    if release {
+        cargo.arg("--release");
+    }
+    anyhow::ensure!(cargo.status()?.success(), "building the agent and hook");
+    Ok(())
+}
