@@ -152,6 +152,8 @@ async fn main() -> anyhow::Result<()> {
         &tb.env(),
         d,
     )?;
+    // Agent and fetcher run convoy-git, beside them, for their git work.
+    sibling("convoy-git")?;
     let fetcher = Daemon::spawn(
         "fetcher",
         &sibling("convoy-fetcher")?,

@@ -6,11 +6,10 @@
 
 use crate::agent::Ctx;
 use crate::config::{AppConfig, HookCommand};
-use crate::export::{self, ExportError};
+use crate::export;
 use crate::health;
 use crate::hooks::{self, HookEnv};
 use crate::journal::{Entry, Phase, Progress};
-use crate::ownership::{self, Owner};
 use chrono::Utc;
 use convoy_message::names::{Name, ReleaseId};
 use convoy_message::{
@@ -49,34 +48,6 @@ impl End {
             error: Some(error.into()),
         }
     }
-}
-
-/// The export step, on a blocking thread: the commit's tree into `releases/<id>/`, the
-/// shared paths linked in, and — when the app has a `user` and the agent is root — the new
-/// release and the shared directories the agent made handed to that user, so that hooks
-/// running as the user can write into their own release.
-fn export_release(
-    mirror: &std::path::Path,
-    git_ref: &convoy_message::names::RefName,
-    commit: &convoy_message::names::Sha,
-    root: &AppRoot,
-    id: &ReleaseId,
-    shared: &[String],
-    user: Option<String>,
-) -> Result<bool, ExportError> {
-    let owner = Owner::for_app(user.as_deref())?;
-    let fetched = export::export(mirror, git_ref, commit, &root.release_dir(id))?;
-    if let Some(owner) = &owner {
-        ownership::make_shared_dirs(root, shared, owner)?;
-    }
-    root.link_shared(id, shared).map_err(|e| ExportError::Io {
-        path: root.release_dir(id),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    if let Some(owner) = &owner {
-        ownership::hand_over_release(root, id, owner)?;
-    }
-    Ok(fetched)
 }
 
 /// One command being executed (or recovered).
@@ -432,25 +403,13 @@ impl<'a> Run<'a> {
         let _ = self.save(Phase::Export);
         self.announce(Step::Export, StepState::Started, None);
         let started = Instant::now();
-        let repo = spec.repo.to_string();
-        let mirror = export::mirror_path(&self.ctx.config.mirror_dir, &repo);
-        let (git_ref, commit) = (spec.git_ref.clone(), spec.commit.clone());
-        let (in_root, id, shared, user) = (
-            root.clone(),
-            release.clone(),
-            app.shared.clone(),
-            app.user.clone(),
-        );
-        let exported = tokio::task::spawn_blocking(move || {
-            export_release(&mirror, &git_ref, &commit, &in_root, &id, &shared, user)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(ExportError::Io {
-                path: root.path().to_owned(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        });
+        let source = export::Source {
+            mirror: export::mirror_path(&self.ctx.config.mirror_dir, spec.repo.as_str()),
+            git_ref: spec.git_ref.clone(),
+            commit: spec.commit.clone(),
+        };
+        let exported =
+            export::export_release(source, root, &release, &app.shared, app.user.as_deref()).await;
         match exported {
             Ok(fetched) => {
                 let note = if fetched {

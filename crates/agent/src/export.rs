@@ -1,32 +1,29 @@
-//! Exporting the exact signed commit from the host's own mirror into a release directory.
+//! Exporting the exact signed commit from the host's own mirror into a release directory,
+//! through the `convoy-git` helper (libgit2 in a process of its own: see `convoy_git`), then
+//! linking the shared paths and handing the release to the app's user.
 //!
 //! The mirror is the bare repository convoy-fetcher keeps at `<mirror_dir>/<repo>.git`. The
 //! signed ref must still resolve to the signed commit: a tag moved after signing is refused.
-//! When the ref or commit is not there yet, the agent fetches once (anonymously, from the
+//! When the ref or commit is not there yet, the helper fetches once (anonymously, from the
 //! mirror's `origin`) and looks again.
 
-use convoy_message::names::{RefName, Sha};
-use git2::{FetchOptions, Oid, Repository, build::CheckoutBuilder};
+use crate::ownership::{self, Owner};
+use convoy_git::{GitError, Reply, Request};
+use convoy_message::names::{RefName, ReleaseId, Sha};
+use convoy_release::AppRoot;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The longest an export may take, a fetch from the mirror's origin included; the helper is
+/// killed after it (the app's lock is held meanwhile).
+pub const EXPORT_DEADLINE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("no mirror at {0} (is convoy-fetcher configured for this repository?)")]
-    NoMirror(PathBuf),
-    #[error(
-        "{git_ref} resolves to {found} in the mirror, not to the signed commit {expected}; refusing (a tag moved after signing?)"
-    )]
-    RefMoved {
-        git_ref: String,
-        expected: String,
-        found: String,
-    },
-    #[error("{0} is not in the mirror, even after a fetch")]
-    RefMissing(String),
-    #[error("git: {0}")]
-    Git(#[from] git2::Error),
     #[error(transparent)]
-    Ownership(#[from] crate::ownership::OwnershipError),
+    Git(#[from] GitError),
+    #[error(transparent)]
+    Ownership(#[from] ownership::OwnershipError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -37,10 +34,7 @@ pub enum ExportError {
 impl ExportError {
     /// True when the command was refused for what it asked, not failed by the host.
     pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            ExportError::RefMoved { .. } | ExportError::RefMissing(_)
-        )
+        matches!(self, ExportError::Git(e) if e.is_refusal())
     }
 }
 
@@ -49,67 +43,60 @@ pub fn mirror_path(mirror_dir: &Path, repo: &str) -> PathBuf {
     mirror_dir.join(format!("{repo}.git"))
 }
 
-/// Checks that `git_ref` resolves to `commit` (fetching once if needed), then writes the
-/// commit's tree into `dest` (which must not exist yet). Blocking: run on a blocking thread.
-pub fn export(
-    mirror: &Path,
-    git_ref: &RefName,
-    commit: &Sha,
-    dest: &Path,
+/// What one release is made from.
+pub struct Source {
+    pub mirror: PathBuf,
+    pub git_ref: RefName,
+    pub commit: Sha,
+}
+
+/// The export step: the commit's tree into `releases/<id>/`, the shared paths linked in,
+/// and — when the app has a `user` and the agent is root — the new release and the shared
+/// directories the agent made handed to that user, so that hooks running as the user can
+/// write into their own release. Returns whether the mirror was fetched first.
+pub async fn export_release(
+    source: Source,
+    root: &AppRoot,
+    id: &ReleaseId,
+    shared: &[String],
+    user: Option<&str>,
 ) -> Result<bool, ExportError> {
-    if !mirror.exists() {
-        return Err(ExportError::NoMirror(mirror.to_owned()));
-    }
-    let repo = Repository::open_bare(mirror)?;
-    let expected = Oid::from_str(commit.as_str())?;
-    let mut fetched = false;
-    let found = match resolve(&repo, git_ref) {
-        // A mirror merely behind (the fetcher has not caught up) gets one fetch before a
-        // ref that resolves elsewhere is called moved.
-        Some(oid) if oid == expected && repo.find_commit(oid).is_ok() => oid,
-        _ => {
-            fetch(&repo)?;
-            fetched = true;
-            resolve(&repo, git_ref).ok_or_else(|| ExportError::RefMissing(git_ref.to_string()))?
+    // An unknown user fails the deploy before anything is written.
+    let owner = Owner::for_app(user)?;
+    let request = Request::Export {
+        mirror: source.mirror,
+        git_ref: source.git_ref,
+        commit: source.commit,
+        dest: root.release_dir(id),
+    };
+    let fetched = match convoy_git::client::run(&request, EXPORT_DEADLINE).await? {
+        Reply::Exported { fetched } => fetched,
+        Reply::Failed(e) => return Err(e.into()),
+        other => {
+            return Err(GitError::Helper(format!("answered an export with {other:?}")).into());
         }
     };
-    if found != expected {
-        return Err(ExportError::RefMoved {
-            git_ref: git_ref.to_string(),
-            expected: expected.to_string(),
-            found: found.to_string(),
-        });
-    }
-    let tree = repo.find_commit(expected)?.tree()?;
-    std::fs::create_dir_all(dest).map_err(|source| ExportError::Io {
-        path: dest.to_owned(),
-        source,
-    })?;
-    let mut checkout = CheckoutBuilder::new();
-    checkout.target_dir(dest).force().update_index(false);
-    repo.checkout_tree(tree.as_object(), Some(&mut checkout))?;
-    Ok(fetched)
-}
-
-fn resolve(repo: &Repository, git_ref: &RefName) -> Option<Oid> {
-    let reference = repo.find_reference(git_ref.as_str()).ok()?;
-    reference.peel_to_commit().ok().map(|c| c.id())
-}
-
-fn fetch(repo: &Repository) -> Result<(), git2::Error> {
-    let mut remote = repo.find_remote("origin")?;
-    // Bounded: the app's lock is held meanwhile.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    let mut callbacks = git2::RemoteCallbacks::new();
-    callbacks.transfer_progress(|_| std::time::Instant::now() < deadline);
-    callbacks.sideband_progress(|_| std::time::Instant::now() < deadline);
-    let mut options = FetchOptions::new();
-    options
-        .prune(git2::FetchPrune::On)
-        .remote_callbacks(callbacks);
-    remote.fetch(
-        &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
-        Some(&mut options),
-        None,
-    )
+    let (root, id, shared) = (root.clone(), id.clone(), shared.to_vec());
+    let release = root.release_dir(&id);
+    tokio::task::spawn_blocking(move || {
+        if let Some(owner) = &owner {
+            ownership::make_shared_dirs(&root, &shared, owner)?;
+        }
+        root.link_shared(&id, &shared)
+            .map_err(|e| ExportError::Io {
+                path: root.release_dir(&id),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        if let Some(owner) = &owner {
+            ownership::hand_over_release(&root, &id, owner)?;
+        }
+        Ok(fetched)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(ExportError::Io {
+            path: release,
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
 }

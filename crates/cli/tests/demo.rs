@@ -19,6 +19,7 @@ fn daemons_built() {
         ("convoy-heartbeat", "convoy-heartbeat"),
         ("convoy-hook", "convoy-hook"),
         ("convoy-ci", "convoy-ci"),
+        ("convoy-git", "convoy-git"),
     ] {
         convoy_testkit::workspace_bin(package, bin);
     }

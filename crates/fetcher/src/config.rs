@@ -38,28 +38,7 @@ impl Default for Config {
     }
 }
 
-/// One mirrored repository and how to reach it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RepoConfig {
-    /// `ssh://git@host/repo.git`, `https://host/repo.git`, or a local path.
-    pub url: String,
-    /// SSH private key for `ssh://` URLs.
-    pub ssh_key: Option<PathBuf>,
-    /// SSH user when the URL names none (default `git`).
-    pub ssh_user: Option<String>,
-    /// A file holding an HTTPS access token.
-    pub token_file: Option<PathBuf>,
-    /// The user name sent with the token (default `x-access-token`).
-    pub token_user: Option<String>,
-    /// PEM certificates of the CA(s) that sign the `https://` server's certificate (the
-    /// intermediate, if one signs it). When set, only these are trusted for this repo; when
-    /// not, the system's CAs are (and a file named by `SSL_CERT_FILE`).
-    pub tls_ca_file: Option<PathBuf>,
-    /// Accepted SSH host keys, OpenSSH `known_hosts` format (unhashed entries). Required for
-    /// `ssh://` URLs: an unknown host key is refused.
-    pub known_hosts: Option<PathBuf>,
-}
+pub use convoy_git::RepoConfig;
 
 impl Config {
     pub fn bus_config(&self) -> BusConfig {

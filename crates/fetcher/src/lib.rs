@@ -6,12 +6,12 @@
 //! # Layout
 //!
 //! - [`config`]: the configuration, `/etc/convoy/fetcher.toml`.
-//! - [`mirror`]: git2 mirror creation and fetching with bounded credentials and host keys.
+//! - the git work itself (mirror creation, fetching with bounded credentials and checked host
+//!   keys) is done by the `convoy-git` helper, one process per fetch (crate `convoy-git`).
 //! - [`pending`]: the durable list of push events not yet answered by a fetch.
 //! - [`worker`]: the push-event handler and one fetch loop per repository.
 #![forbid(unsafe_code)]
 
 pub mod config;
-pub mod mirror;
 pub mod pending;
 pub mod worker;

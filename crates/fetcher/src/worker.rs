@@ -1,7 +1,6 @@
 //! The push-event handler and the per-repository fetch loops.
 
 use crate::config::{Config, RepoConfig};
-use crate::mirror;
 use crate::pending::Pending;
 use convoy_bus::backoff::Backoff;
 use convoy_bus::{Disposition, Handler, Incoming, Outgoing, PublishError, Publisher};
@@ -110,16 +109,25 @@ impl Fetcher {
             let events = self.pending.list(&name);
             let started = Instant::now();
             let timeout = Duration::from_secs(self.config.fetch_timeout_s);
-            let (p, r, u) = (path.clone(), repo.clone(), repo.url.clone());
-            let job = tokio::task::spawn_blocking(move || {
-                mirror::ensure(&p, &u)
-                    .map_err(|e| format!("preparing the mirror: {}", e.message()))?;
-                mirror::fetch(&p, &r, Instant::now() + timeout)
-            });
-            let outcome = match tokio::time::timeout(timeout + Duration::from_secs(5), job).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(e)) => Err(format!("fetch task failed: {e}")),
-                Err(_) => Err("fetch abandoned at its deadline (fetch_timeout_s)".to_owned()),
+            let request = convoy_git::Request::Fetch {
+                mirror: path.clone(),
+                repo: repo.clone(),
+                timeout_s: self.config.fetch_timeout_s,
+            };
+            // The helper gives up by itself at the timeout; it is killed a little after.
+            let outcome = tokio::select! {
+                reply = convoy_git::client::run(&request, timeout + Duration::from_secs(5)) => {
+                    match reply {
+                        Ok(convoy_git::Reply::Fetched { refs }) => Ok(refs),
+                        Ok(convoy_git::Reply::Failed(convoy_git::GitError::Git(e))) => Err(e),
+                        Ok(convoy_git::Reply::Failed(e)) => Err(e.to_string()),
+                        Ok(other) => Err(format!("convoy-git answered a fetch with {other:?}")),
+                        Err(convoy_git::GitError::Git(e)) => Err(e),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                // Dropping the run kills the helper.
+                _ = cancel.cancelled() => return,
             };
             let Ok(repo_name) = Name::new(name.as_str()) else {
                 return;

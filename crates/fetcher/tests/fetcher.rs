@@ -60,6 +60,8 @@ fn start_fetcher(
         ),
     )?;
     tb.track(format!("{}.fetcher.{host}", tb.exchange));
+    // The fetcher runs convoy-git (beside it) for each fetch.
+    convoy_testkit::workspace_bin("convoy-git", "convoy-git");
     let daemon = Daemon::spawn(
         &format!("fetcher-{host}"),
         Path::new(env!("CARGO_BIN_EXE_convoy-fetcher")),

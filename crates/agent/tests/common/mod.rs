@@ -137,6 +137,8 @@ impl Host {
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
         let config = self.config.to_string_lossy().to_string();
+        // The agent runs convoy-git (beside it) for its exports.
+        convoy_testkit::workspace_bin("convoy-git", "convoy-git");
         let n = std::fs::read_dir(self.path())?.count();
         let agent = Daemon::spawn(
             &format!("agent-{n}"),

@@ -16,13 +16,15 @@ pub struct Bins {
     pub python: PathBuf,
 }
 
-const DAEMONS: [&str; 6] = [
+const DAEMONS: [&str; 7] = [
     "convoy-conductor",
     "convoy-agent",
     "convoy-fetcher",
     "convoy-heartbeat",
     "convoy-hook",
     "convoy-ci",
+    // Not started by the demo: agent and fetcher run it beside themselves for their git work.
+    "convoy-git",
 ];
 
 impl Bins {

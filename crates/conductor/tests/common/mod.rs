@@ -304,6 +304,8 @@ impl Fleet {
 
     pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let agent_bin = convoy_testkit::workspace_bin("convoy-agent", "convoy-agent");
+        // Agent and fetcher run convoy-git, found beside them.
+        convoy_testkit::workspace_bin("convoy-git", "convoy-git");
         let h = &mut self.hosts[i];
         let config = h.config.to_string_lossy().into_owned();
         let n = std::fs::read_dir(&h.dir)?.count();
@@ -320,6 +322,7 @@ impl Fleet {
     /// Starts host `i`'s convoy-fetcher and convoy-heartbeat ([`Setup::host_daemons`]).
     pub fn start_host_daemons(&mut self, i: usize) -> anyhow::Result<()> {
         let env = self.tb.env();
+        convoy_testkit::workspace_bin("convoy-git", "convoy-git");
         let h = &mut self.hosts[i];
         for (kind, config) in [
             ("fetcher", h.fetcher_config.clone()),
@@ -582,7 +585,7 @@ pub fn text(out: &Output) -> String {
     )
 }
 
-/// For benches: builds the binaries a fleet runs beside the bench (agent, hook, CLI) in the
+/// For benches: builds the binaries a fleet runs beside the bench (agent, convoy-git, hook, CLI) in the
 /// bench's own profile, since `cargo bench` builds only the package's own.
 pub fn build_siblings() -> anyhow::Result<()> {
     let me = std::env::current_exe()?;
@@ -597,6 +600,8 @@ pub fn build_siblings() -> anyhow::Result<()> {
         "convoy-hook",
         "-p",
         "convoy",
+        "-p",
+        "convoy-git",
     ]);
     if release {
         cargo.arg("--release");

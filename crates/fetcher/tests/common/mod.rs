@@ -24,6 +24,8 @@ pub async fn start_fetcher(
     tb.track(format!("{}.fetcher.{host}", tb.exchange));
     let mut all_env = tb.env();
     all_env.extend_from_slice(env);
+    // The fetcher runs convoy-git (beside it) for each fetch.
+    convoy_testkit::workspace_bin("convoy-git", "convoy-git");
     let daemon = Daemon::spawn(
         host,
         Path::new(env!("CARGO_BIN_EXE_convoy-fetcher")),

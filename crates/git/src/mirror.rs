@@ -1,7 +1,7 @@
 //! The bare mirror of one repository, and fetching it with bounded credential callbacks
-//! and checked SSH host keys. Blocking (git2): call from a blocking thread.
+//! and checked SSH host keys. Runs inside the `convoy-git` helper.
 
-use crate::config::RepoConfig;
+use crate::protocol::{GitError, Reply, RepoConfig};
 use base64::Engine;
 use convoy_message::names::Sha;
 use git2::{
@@ -36,6 +36,18 @@ pub fn ensure(path: &Path, url: &str) -> Result<(), git2::Error> {
         }
     }
     Ok(())
+}
+
+/// The helper's `fetch` request: creates the mirror if missing, then fetches it.
+pub fn serve(path: &Path, config: &RepoConfig, timeout_s: u64) -> Reply {
+    let deadline = Instant::now() + std::time::Duration::from_secs(timeout_s);
+    let fetched = ensure(path, &config.url)
+        .map_err(|e| format!("preparing the mirror: {}", e.message()))
+        .and_then(|()| fetch(path, config, deadline));
+    match fetched {
+        Ok(refs) => Reply::Fetched { refs },
+        Err(e) => Reply::Failed(GitError::Git(e)),
+    }
 }
 
 /// Fetches every branch and tag, pruning deleted ones; returns the mirror's refs after.
@@ -230,11 +242,9 @@ fn check_host_key(
     if known(&text, host, key) {
         Ok(CertificateCheckStatus::CertificateOk)
     } else {
-        use base64::Engine;
-        tracing::warn!(host, key = %base64::engine::general_purpose::STANDARD.encode(key),
-            known_hosts = %path.display(), "host key not in known_hosts; refusing");
         refuse(format!(
-            "{host}'s host key is not in {}; refusing to fetch",
+            "{host}'s host key ({}) is not in {}; refusing to fetch",
+            base64::engine::general_purpose::STANDARD.encode(key),
             path.display()
         ))
     }
