@@ -259,5 +259,31 @@ async fn main() -> anyhow::Result<()> {
         ms(inside.value_at_quantile(0.5)),
         ms(inside.value_at_quantile(0.99))
     );
+    // The idle figure again, now that the agent has deployed 300 times: its git work ran in
+    // helper processes, so nothing of it should have stayed behind.
+    // (After tokio's 10 s keep-alive of idle blocking threads.)
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    println!("after the deploys, idle again:");
+    for (name, p) in &daemons[..1] {
+        let pid = p.pid().unwrap_or(0);
+        let (rss, _, _) = sample(pid);
+        let rollup =
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        let field = |key: &str| {
+            rollup
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0) as f64
+                / 1024.0
+        };
+        println!(
+            "  {name:<10} RSS {:>5.1} MiB (anonymous {:.1}, files {:.1})",
+            rss as f64 / 1024.0,
+            field("Anonymous:"),
+            field("Rss:") - field("Anonymous:")
+        );
+    }
     Ok(())
 }

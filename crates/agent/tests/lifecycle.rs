@@ -77,7 +77,16 @@ async fn systemd_notifications_key_rotation_on_sighup_and_a_clean_stop() -> anyh
 /// Starts the agent and expects it to stop at once with status 78, its message naming
 /// every part of `named`.
 async fn exits_78(h: &mut Host, what: &str, named: &[&str]) -> anyhow::Result<()> {
-    h.start_agent(&[])?;
+    exits_78_with(h, &[], what, named).await
+}
+
+async fn exits_78_with(
+    h: &mut Host,
+    env: &[(&str, &str)],
+    what: &str,
+    named: &[&str],
+) -> anyhow::Result<()> {
+    h.start_agent(env)?;
     let agent = h.agent.as_mut().expect("agent");
     let status = agent.wait(Duration::from_secs(20)).await?;
     let log = agent.log();
@@ -90,7 +99,8 @@ async fn exits_78(h: &mut Host, what: &str, named: &[&str]) -> anyhow::Result<()
 
 /// A key file that cannot be used is a configuration error: exit 78 (EX_CONFIG, which the
 /// unit does not restart in a loop), with the file and the fix named. So are two files with
-/// one key id, an unreadable key directory, and a journal too short to recognise replays.
+/// one key id, an unreadable key directory, a journal too short to recognise replays, and
+/// a broker URL that does not parse.
 #[tokio::test]
 async fn bad_trusted_keys_and_a_short_journal_exit_78_naming_the_cause() -> anyhow::Result<()> {
     let mut h = Host::new().await?;
@@ -125,6 +135,18 @@ async fn bad_trusted_keys_and_a_short_journal_exit_78_naming_the_cause() -> anyh
     )
     .await?;
     std::fs::write(&h.config, &config)?;
+
+    // A broker URL that cannot be parsed is no reason to restart in a loop either.
+    exits_78_with(
+        &mut h,
+        &[(
+            "CONVOY_AMQP_URL",
+            "amqp://guest:guest@127.0.0.1:no-port/%2f",
+        )],
+        "an amqp_url that does not parse",
+        &["invalid amqp_url", "fix the configuration"],
+    )
+    .await?;
 
     // A missing (or unreadable) directory; `--check-config` says the same.
     std::fs::remove_dir_all(&keys)?;

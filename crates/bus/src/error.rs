@@ -32,6 +32,17 @@ pub enum BusError {
 }
 
 impl BusError {
+    /// The configuration's fault (the URL, the exchange name, the CA file): retrying will
+    /// not help, so a daemon exits with EX_CONFIG (78), which its unit does not restart.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            Self::BadUrl { .. } | Self::BadExchange(_) | Self::TlsCa { .. }
+        )
+    }
+}
+
+impl BusError {
     pub(crate) fn amqp(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> BusError {
         let context = context.into();
         move |source| BusError::Amqp { context, source }

@@ -55,7 +55,8 @@ where
 }
 
 /// Runs a daemon's main future on a single-threaded runtime (an idle daemon needs no more),
-/// printing `<program>: <error>` and failing if it returns an error.
+/// printing `<program>: <error>` and failing if it returns an error: with [`EXIT_CONFIG`]
+/// when the error is a bus setting that cannot work (URL, exchange, CA file), else 1.
 pub fn block_on(program: &str, main: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -72,7 +73,17 @@ pub fn block_on(program: &str, main: impl Future<Output = anyhow::Result<()>>) -
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("{program}: {e:#}");
-            ExitCode::FAILURE
+            let config_fault = e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<convoy_bus::BusError>()
+                    .is_some_and(convoy_bus::BusError::is_config)
+            });
+            if config_fault {
+                eprintln!("{program}: fix the configuration and start it again");
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -56,9 +56,12 @@ impl Bins {
                 .as_ref()
                 .and_then(|d| d.file_name())
                 .and_then(|n| n.to_str())
-                .filter(|n| *n == "release")
-                .map(|_| " --release")
-                .unwrap_or("");
+                .map(|n| match n {
+                    "release" => " --release".to_string(),
+                    "debug" => String::new(),
+                    other => format!(" --profile {other}"),
+                })
+                .unwrap_or_default();
             bail!(
                 "the demo needs {} next to this convoy ({dir}) or on PATH: build them with \
                  `cargo build{profile} --workspace --bins` (scripts/demo does), or install the \
