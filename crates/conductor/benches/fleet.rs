@@ -51,10 +51,7 @@ async fn rollout(hosts: usize, batch: usize) -> anyhow::Result<()> {
         ..Setup::default()
     })
     .await?;
-    fleet.start_conductor().await?;
-    fleet.start_agents()?;
-    fleet.release("v1")?;
-    fleet.wait_ref("v1").await?;
+    fleet.start_with("v1").await?;
     // Warm-up: every agent has started, declared its queue and exported once.
     let warm = fleet.deploy(
         "v1",

@@ -787,6 +787,7 @@ impl Engine {
                 }),
             );
             let report = HostReport::from(result);
+            let row = rows.len();
             rows.push((rollout, result));
             match rollout {
                 Some(id) if self.rollouts.contains_key(&id) => {
@@ -807,6 +808,13 @@ impl Engine {
                     }
                     if let Some(r) = ended.get_mut(&id) {
                         r.record(&report, t);
+                    } else {
+                        // Not a rollout of this store (another conductor's, or one from
+                        // before a restore): kept, but under no rollout, so that it never
+                        // shows in the history of the rollout that later gets this number.
+                        tracing::warn!(rollout = id, host = %result.host, command = %result.command_id,
+                            "result for a rollout this conductor does not know; kept without it");
+                        rows[row].0 = None;
                     }
                 }
                 None => {}

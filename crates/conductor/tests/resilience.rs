@@ -40,10 +40,7 @@ async fn a_conductor_killed_mid_rollout_resumes_and_deploys_no_host_twice() -> a
         ..Setup::default()
     })
     .await?;
-    fleet.start_conductor().await?;
-    fleet.start_agents()?;
-    fleet.release("v1")?;
-    fleet.wait_ref("v1").await?;
+    fleet.start_with("v1").await?;
     let id = fleet.deploy("v1", "prod", json!({ "batches": 2 }))?;
     let r = fleet.wait_partway(id, 2).await?;
     let release = r["release"].as_str().unwrap_or_default().to_owned();
@@ -80,10 +77,7 @@ async fn a_broker_restarted_mid_rollout_does_not_stop_it() -> anyhow::Result<()>
         ..Setup::default()
     })
     .await?;
-    fleet.start_conductor().await?;
-    fleet.start_agents()?;
-    fleet.release("v1")?;
-    fleet.wait_ref("v1").await?;
+    fleet.start_with("v1").await?;
     let id = fleet.deploy(
         "v1",
         "prod",

@@ -14,10 +14,7 @@ async fn a_tag_spreads_over_ten_hosts_batch_by_batch() -> anyhow::Result<()> {
         ..Setup::default()
     })
     .await?;
-    fleet.start_conductor().await?;
-    fleet.start_agents()?;
-    fleet.release("v1")?;
-    fleet.wait_ref("v1").await?;
+    fleet.start_with("v1").await?;
 
     // The plan first, without deploying.
     let plan = fleet
@@ -139,10 +136,7 @@ async fn a_failing_health_check_halts_with_no_budget_and_nothing_more_deploys() 
         ..Setup::default()
     })
     .await?;
-    fleet.start_conductor().await?;
-    fleet.start_agents()?;
-    fleet.release("v1")?;
-    fleet.wait_ref("v1").await?;
+    fleet.start_with("v1").await?;
     let first = fleet.deploy("v1", "prod", json!({ "batches": [4] }))?;
     let first = fleet
         .wait_state(first, &["succeeded"], Duration::from_secs(60))
@@ -212,10 +206,7 @@ async fn with_rollback_the_hosts_already_done_return_to_their_previous_release()
         ..Setup::default()
     })
     .await?;
-    fleet.start_conductor().await?;
-    fleet.start_agents()?;
-    fleet.release("v1")?;
-    fleet.wait_ref("v1").await?;
+    fleet.start_with("v1").await?;
     let first = fleet.deploy("v1", "prod", json!({ "batches": [4] }))?;
     let first = fleet
         .wait_state(first, &["succeeded"], Duration::from_secs(60))
@@ -363,10 +354,7 @@ async fn a_stage_rolls_back_to_its_previous_release_and_tail_shows_it_live() -> 
         ..Setup::default()
     })
     .await?;
-    fleet.start_conductor().await?;
-    fleet.start_agents()?;
-    fleet.release("v1")?;
-    fleet.wait_ref("v1").await?;
+    fleet.start_with("v1").await?;
     let first = fleet.deploy("v1", "prod", json!({ "batches": [3] }))?;
     let first = fleet
         .wait_state(first, &["succeeded"], Duration::from_secs(60))
@@ -426,5 +414,74 @@ async fn a_stage_rolls_back_to_its_previous_release_and_tail_shows_it_live() -> 
         "no live step events"
     );
     assert!(events.iter().filter(|e| e["kind"] == "result").count() >= 3);
+    Ok(())
+}
+
+/// A result naming a rollout this conductor never had (another conductor's, or one from
+/// before a restore) is kept, but under no rollout: the rollout that later gets that number
+/// shows only its own hosts' results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_for_an_unknown_rollout_stays_out_of_the_rollout_that_later_gets_its_number()
+-> anyhow::Result<()> {
+    use convoy_bus::{Bus, Outgoing, Publisher, Retry};
+    use convoy_message::names::{HostName, Name};
+    use convoy_message::{Body, DeployOutcome, DeployResult, Message};
+
+    let mut fleet = Fleet::new(Setup {
+        hosts: 2,
+        ..Setup::default()
+    })
+    .await?;
+    fleet.start_with("v1").await?;
+
+    let stray = uuid::Uuid::new_v4();
+    let host = HostName::new(fleet.hosts[0].name.clone())?;
+    let result = Message::new(
+        format!("agent@{host}"),
+        Body::Result(DeployResult {
+            command_id: stray,
+            host,
+            action: "deploy".into(),
+            app: Some(Name::new("web")?),
+            rollout: Some("1".into()),
+            release: None,
+            outcome: DeployOutcome::Failed,
+            rolled_back: false,
+            current: None,
+            previous: None,
+            steps: vec![],
+            error: Some("from another conductor".into()),
+            started_at: chrono::Utc::now(),
+            duration_ms: 1,
+        }),
+    );
+    let publisher = Publisher::new(Bus::new(fleet.tb.config(), "test-stray-result")?);
+    publisher
+        .publish(&Outgoing::message(&result)?, Retry::once())
+        .await?;
+    let noticed = "result for a rollout this conductor does not know";
+    convoy_testkit::wait_until(Duration::from_secs(20), noticed, || {
+        let seen = fleet.conductor_log().contains(noticed);
+        async move { seen.then_some(()) }
+    })
+    .await?;
+
+    let id = fleet.deploy("v1", "prod", json!({}))?;
+    assert_eq!(
+        id, 1,
+        "the test needs the rollout to get the stray result's number"
+    );
+    fleet
+        .wait_state(id, &["succeeded"], Duration::from_secs(60))
+        .await?;
+    let r = fleet.get(&format!("/api/rollouts/{id}"))?;
+    let results = r["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 2, "{results:#?}");
+    assert!(
+        results
+            .iter()
+            .all(|x| x["command_id"] != json!(stray.to_string())),
+        "the stray result shows in rollout {id}: {results:#?}"
+    );
     Ok(())
 }

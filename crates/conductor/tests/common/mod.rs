@@ -535,6 +535,15 @@ impl Fleet {
         }
     }
 
+    /// The usual start of a test: the conductor and every agent running, and `tag`
+    /// released and known to the conductor.
+    pub async fn start_with(&mut self, tag: &str) -> anyhow::Result<()> {
+        self.start_conductor().await?;
+        self.start_agents()?;
+        self.release(tag)?;
+        self.wait_ref(tag).await
+    }
+
     /// Waits until the conductor knows `tag` (the hook's push event arrived).
     pub async fn wait_ref(&self, tag: &str) -> anyhow::Result<()> {
         let body = json!({ "app": "web", "stage": self.first_stage()?, "ref": tag, "plan": true });
