@@ -25,6 +25,9 @@ use std::time::Duration;
 struct Cli {
     #[command(flatten)]
     config: ConfigArgs,
+    /// Check the configuration (the file and the signing key) and exit: 0 valid, 78 not.
+    #[arg(long)]
+    check_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -66,6 +69,16 @@ fn main() -> ExitCode {
             return ExitCode::from(convoy_daemon::EXIT_CONFIG);
         }
     };
+    if cli.check_config {
+        println!(
+            "configuration is valid ({} apps, {} tokens, {} web users; signing key {:?})",
+            config.apps.len(),
+            config.tokens.len(),
+            config.users.len(),
+            key.key_id()
+        );
+        return ExitCode::SUCCESS;
+    }
     // The engine writes to SQLite from its task (block_in_place): a multi-thread runtime.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -90,6 +103,9 @@ fn main() -> ExitCode {
                     "convoy-conductor: restarting will not fix this: restore a backup of the store (docs/operating.md#restoring)"
                 );
                 ExitCode::from(EXIT_STORE_DAMAGED)
+            } else if convoy_daemon::is_config_fault(&e) {
+                eprintln!("convoy-conductor: fix the configuration and start it again");
+                ExitCode::from(convoy_daemon::EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE
             }

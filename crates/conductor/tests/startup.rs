@@ -71,3 +71,67 @@ async fn a_rollout_record_it_cannot_read_stops_the_conductor_with_status_65() ->
     assert!(api.is_err(), "the API still listens:\n{log}");
     Ok(())
 }
+
+/// `--check-config` checks the file and the signing key without starting; a broker URL
+/// that does not parse stops a starting conductor with 78 (not restarted in a loop) too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_and_a_bad_broker_url_answer_with_status_78() -> anyhow::Result<()> {
+    let fleet = Fleet::new(Setup {
+        hosts: 1,
+        ..Setup::default()
+    })
+    .await?;
+    let path = fleet.conductor_config.clone();
+    let check = |config: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_convoy-conductor"))
+            .args(["--config", &config.to_string_lossy(), "--check-config"])
+            .env_clear()
+            .output()
+    };
+    let out = check(&path)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("configuration is valid (1 apps"),
+        "{stdout}"
+    );
+
+    // The signing key moved away: the check names the key and the fix.
+    let text = std::fs::read_to_string(&path)?;
+    let broken = fleet.path().join("broken.toml");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("signing_key"))
+        .ok_or_else(|| anyhow::anyhow!("no signing_key line in\n{text}"))?;
+    std::fs::write(
+        &broken,
+        text.replace(line, "signing_key = \"/nonexistent/conductor.key\""),
+    )?;
+    let out = check(&broken)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("signing_key") && stderr.contains("convoy keygen"),
+        "{stderr}"
+    );
+
+    let mut env = fleet.tb.env();
+    env.push((
+        "CONVOY_AMQP_URL".into(),
+        "amqp://guest:guest@127.0.0.1:no-port/%2f".into(),
+    ));
+    let config = path.to_string_lossy().into_owned();
+    let mut conductor = Daemon::spawn(
+        "conductor-bad-url",
+        Path::new(env!("CARGO_BIN_EXE_convoy-conductor")),
+        &["--config", &config],
+        &env,
+        fleet.path(),
+    )?;
+    let status = conductor.wait(Duration::from_secs(20)).await;
+    let log = conductor.log();
+    let status = status.map_err(|e| anyhow::anyhow!("{e}\n{log}"))?;
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(log.contains("invalid amqp_url"), "{log}");
+    Ok(())
+}

@@ -54,6 +54,16 @@ where
     Ok(config)
 }
 
+/// Whether a daemon's error is a bus setting that cannot work (URL, exchange name, CA
+/// file): restarting will not fix it, so the daemon exits with [`EXIT_CONFIG`].
+pub fn is_config_fault(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<convoy_bus::BusError>()
+            .is_some_and(convoy_bus::BusError::is_config)
+    })
+}
+
 /// Runs a daemon's main future on a single-threaded runtime (an idle daemon needs no more),
 /// printing `<program>: <error>` and failing if it returns an error: with [`EXIT_CONFIG`]
 /// when the error is a bus setting that cannot work (URL, exchange, CA file), else 1.
@@ -73,12 +83,7 @@ pub fn block_on(program: &str, main: impl Future<Output = anyhow::Result<()>>) -
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("{program}: {e:#}");
-            let config_fault = e.chain().any(|cause| {
-                cause
-                    .downcast_ref::<convoy_bus::BusError>()
-                    .is_some_and(convoy_bus::BusError::is_config)
-            });
-            if config_fault {
+            if is_config_fault(&e) {
                 eprintln!("{program}: fix the configuration and start it again");
                 ExitCode::from(EXIT_CONFIG)
             } else {

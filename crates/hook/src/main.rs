@@ -91,12 +91,19 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Runs a daemon subcommand's future on its own runtime.
+/// Runs a daemon subcommand's future on its own runtime. A bus setting that cannot work
+/// (the URL, the exchange, the CA file) is a configuration failure (78), like a bad key.
 fn block_on(main: impl std::future::Future<Output = anyhow::Result<()>>) -> Result<(), Failure> {
     runtime()
         .map_err(|e| Failure::Run(format!("cannot start the runtime: {e}")))?
         .block_on(main)
-        .map_err(Failure::run)
+        .map_err(|e| {
+            if convoy_daemon::is_config_fault(&e) {
+                Failure::Config(format!("{e:#}"))
+            } else {
+                Failure::run(e)
+            }
+        })
 }
 
 fn main() -> ExitCode {
