@@ -774,10 +774,24 @@ impl Engine {
         let mut ended: BTreeMap<i64, Rollout> = BTreeMap::new();
         let mut rows: Vec<(Option<i64>, &DeployResult)> = Vec::new();
         for result in &fresh {
-            let rollout = result
-                .rollout
-                .as_deref()
-                .and_then(|s| s.parse::<i64>().ok());
+            // The rollout is the one that issued the command, by this store's own record,
+            // not whatever the result says: a result of another conductor's command (or of
+            // one from before a restore) must not land in the rollout that has its number.
+            let rollout = match self
+                .store
+                .command_rollout(result.command_id, result.host.as_str())
+            {
+                Ok(rollout) => rollout,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the store");
+                    return false;
+                }
+            };
+            if rollout.is_none() {
+                tracing::warn!(claimed_rollout = result.rollout.as_deref().unwrap_or("none"),
+                    host = %result.host, command = %result.command_id,
+                    "result of a command this conductor did not send to that host; kept under no rollout");
+            }
             self.shared.emit(
                 "result",
                 json!({
@@ -787,7 +801,6 @@ impl Engine {
                 }),
             );
             let report = HostReport::from(result);
-            let row = rows.len();
             rows.push((rollout, result));
             match rollout {
                 Some(id) if self.rollouts.contains_key(&id) => {
@@ -808,13 +821,6 @@ impl Engine {
                     }
                     if let Some(r) = ended.get_mut(&id) {
                         r.record(&report, t);
-                    } else {
-                        // Not a rollout of this store (another conductor's, or one from
-                        // before a restore): kept, but under no rollout, so that it never
-                        // shows in the history of the rollout that later gets this number.
-                        tracing::warn!(rollout = id, host = %result.host, command = %result.command_id,
-                            "result for a rollout this conductor does not know; kept without it");
-                        rows[row].0 = None;
                     }
                 }
                 None => {}

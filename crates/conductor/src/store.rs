@@ -250,6 +250,21 @@ impl Store {
             .is_some())
     }
 
+    /// The rollout that issued command `id` to `host`: `None` when this store never sent
+    /// that command to that host (another conductor's, one from before a restore, or a
+    /// result claiming the wrong host).
+    pub fn command_rollout(&self, id: Uuid, host: &str) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT rollout FROM commands WHERE id = ?1 AND host = ?2",
+                params![id.to_string(), host],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
     /// The stored message of a command, to send again.
     pub fn command(&self, id: Uuid) -> Result<Option<Vec<u8>>> {
         Ok(self

@@ -417,11 +417,12 @@ async fn a_stage_rolls_back_to_its_previous_release_and_tail_shows_it_live() -> 
     Ok(())
 }
 
-/// A result naming a rollout this conductor never had (another conductor's, or one from
-/// before a restore) is kept, but under no rollout: the rollout that later gets that number
-/// shows only its own hosts' results.
+/// A result is filed under the rollout that sent its command, by the conductor's own
+/// record: one naming a rollout this conductor never had (another conductor's, or one from
+/// before a restore) is kept under no rollout, before the rollout with that number exists
+/// and after, so that rollout shows only its own hosts' results.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_result_for_an_unknown_rollout_stays_out_of_the_rollout_that_later_gets_its_number()
+async fn a_result_for_an_unknown_rollout_stays_out_of_the_rollout_that_has_its_number()
 -> anyhow::Result<()> {
     use convoy_bus::{Bus, Outgoing, Publisher, Retry};
     use convoy_message::names::{HostName, Name};
@@ -434,38 +435,42 @@ async fn a_result_for_an_unknown_rollout_stays_out_of_the_rollout_that_later_get
     .await?;
     fleet.start_with("v1").await?;
 
-    let stray = uuid::Uuid::new_v4();
-    let host = HostName::new(fleet.hosts[0].name.clone())?;
-    let result = Message::new(
-        format!("agent@{host}"),
-        Body::Result(DeployResult {
-            command_id: stray,
-            host,
-            action: "deploy".into(),
-            app: Some(Name::new("web")?),
-            rollout: Some("1".into()),
-            release: None,
-            outcome: DeployOutcome::Failed,
-            rolled_back: false,
-            current: None,
-            previous: None,
-            steps: vec![],
-            error: Some("from another conductor".into()),
-            started_at: chrono::Utc::now(),
-            duration_ms: 1,
-        }),
-    );
     let publisher = Publisher::new(Bus::new(fleet.tb.config(), "test-stray-result")?);
-    publisher
-        .publish(&Outgoing::message(&result)?, Retry::once())
+    let noticed = "result of a command this conductor did not send to that host";
+    let send_stray = async |fleet: &common::Fleet, seen_before: usize| -> anyhow::Result<String> {
+        let stray = uuid::Uuid::new_v4();
+        let host = HostName::new(fleet.hosts[0].name.clone())?;
+        let result = Message::new(
+            format!("agent@{host}"),
+            Body::Result(DeployResult {
+                command_id: stray,
+                host,
+                action: "deploy".into(),
+                app: Some(Name::new("web")?),
+                rollout: Some("1".into()),
+                release: None,
+                outcome: DeployOutcome::Failed,
+                rolled_back: false,
+                current: None,
+                previous: None,
+                steps: vec![],
+                error: Some("from another conductor".into()),
+                started_at: chrono::Utc::now(),
+                duration_ms: 1,
+            }),
+        );
+        publisher
+            .publish(&Outgoing::message(&result)?, Retry::once())
+            .await?;
+        convoy_testkit::wait_until(Duration::from_secs(20), noticed, || {
+            let seen = fleet.conductor_log().matches(noticed).count() > seen_before;
+            async move { seen.then_some(()) }
+        })
         .await?;
-    let noticed = "result for a rollout this conductor does not know";
-    convoy_testkit::wait_until(Duration::from_secs(20), noticed, || {
-        let seen = fleet.conductor_log().contains(noticed);
-        async move { seen.then_some(()) }
-    })
-    .await?;
+        Ok(stray.to_string())
+    };
 
+    let before = send_stray(&fleet, 0).await?;
     let id = fleet.deploy("v1", "prod", json!({}))?;
     assert_eq!(
         id, 1,
@@ -474,14 +479,16 @@ async fn a_result_for_an_unknown_rollout_stays_out_of_the_rollout_that_later_get
     fleet
         .wait_state(id, &["succeeded"], Duration::from_secs(60))
         .await?;
+    let after = send_stray(&fleet, 1).await?;
+
     let r = fleet.get(&format!("/api/rollouts/{id}"))?;
     let results = r["results"].as_array().cloned().unwrap_or_default();
     assert_eq!(results.len(), 2, "{results:#?}");
-    assert!(
-        results
-            .iter()
-            .all(|x| x["command_id"] != json!(stray.to_string())),
-        "the stray result shows in rollout {id}: {results:#?}"
-    );
+    for stray in [before, after] {
+        assert!(
+            results.iter().all(|x| x["command_id"] != json!(stray)),
+            "the stray result {stray} shows in rollout {id}: {results:#?}"
+        );
+    }
     Ok(())
 }
