@@ -46,7 +46,10 @@ impl Ctx {
             payload,
             headers: vec![
                 ("x-convoy-reason".into(), reason.into()),
-                ("x-convoy-detail".into(), detail.into()),
+                (
+                    "x-convoy-detail".into(),
+                    convoy_message::rejection::header_detail(detail),
+                ),
                 ("x-convoy-rejected-by".into(), self.from.clone()),
                 ("x-convoy-rejected-at".into(), Utc::now().to_rfc3339()),
             ],

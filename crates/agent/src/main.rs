@@ -39,6 +39,9 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     if cli.check_config {
+        if let Err(code) = convoy_daemon::check_bus("convoy-agent", config.bus_config()) {
+            return code;
+        }
         println!("configuration is valid ({} apps)", config.apps.len());
         return ExitCode::SUCCESS;
     }

@@ -481,7 +481,10 @@ impl Consumer {
                 "x-convoy-reason".to_owned(),
                 rejection.code.as_str().to_owned(),
             ),
-            ("x-convoy-detail".to_owned(), rejection.detail.clone()),
+            (
+                "x-convoy-detail".to_owned(),
+                convoy_message::rejection::header_detail(&rejection.detail),
+            ),
             ("x-convoy-queue".to_owned(), self.spec.name.clone()),
             (
                 "x-convoy-routing-key".to_owned(),

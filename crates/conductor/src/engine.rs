@@ -814,10 +814,17 @@ impl Engine {
                     }
                 }
                 Some(id) => {
-                    if !ended.contains_key(&id)
-                        && let Ok(Some(r)) = self.store.rollout(id)
-                    {
-                        ended.insert(id, r);
+                    if let std::collections::btree_map::Entry::Vacant(slot) = ended.entry(id) {
+                        match self.store.rollout(id) {
+                            Ok(Some(r)) => {
+                                slot.insert(r);
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::error!(error = %e, rollout = id, "cannot read the store");
+                                return false;
+                            }
+                        }
                     }
                     if let Some(r) = ended.get_mut(&id) {
                         r.record(&report, t);

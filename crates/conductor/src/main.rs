@@ -70,6 +70,9 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
+        if let Err(code) = convoy_daemon::check_bus("convoy-conductor", config.bus_config()) {
+            return code;
+        }
         println!(
             "configuration is valid ({} apps, {} tokens, {} web users; signing key {:?})",
             config.apps.len(),

@@ -54,6 +54,18 @@ where
     Ok(config)
 }
 
+/// For `--check-config`: the bus settings as a start would use them (the URL parses, the
+/// exchange name is valid, the CA file reads), without connecting. Prints the problem and
+/// gives [`EXIT_CONFIG`] if they cannot work.
+pub fn check_bus(program: &str, config: convoy_bus::BusConfig) -> Result<(), ExitCode> {
+    convoy_bus::Bus::new(config, format!("{program} --check-config"))
+        .map(drop)
+        .map_err(|e| {
+            eprintln!("{program}: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })
+}
+
 /// Whether a daemon's error is a bus setting that cannot work (URL, exchange name, CA
 /// file): restarting will not fix it, so the daemon exits with [`EXIT_CONFIG`].
 pub fn is_config_fault(e: &anyhow::Error) -> bool {

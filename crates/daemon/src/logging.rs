@@ -18,13 +18,25 @@ pub const DEFAULT_FILTER: &str = "info,lapin=error";
 /// must not keep a daemon from starting.
 fn filter() -> (Targets, Option<String>) {
     let default = || DEFAULT_FILTER.parse().unwrap_or_default();
-    let Some((var, value)) = ["CONVOY_LOG", "RUST_LOG"]
-        .into_iter()
-        .find_map(|var| Some((var, std::env::var(var).ok()?)))
-    else {
+    let Some((var, value)) = ["CONVOY_LOG", "RUST_LOG"].into_iter().find_map(|var| {
+        Some((
+            var,
+            std::env::var(var).ok().filter(|v| !v.trim().is_empty())?,
+        ))
+    }) else {
         return (default(), None);
     };
     match value.parse::<Targets>() {
+        // `debgu` parses too — as a target named "debgu" — and would silence everything
+        // else, errors included: a filter must say what the rest logs at.
+        Ok(targets) if targets.default_level().is_none() => (
+            default(),
+            Some(format!(
+                "{var}={value:?} sets no level for everything else (a misspelt level is \
+                 read as a target name); using {DEFAULT_FILTER:?}. Start it with a level, \
+                 e.g. \"info,convoy_bus=debug\""
+            )),
+        ),
         Ok(targets) => (targets, None),
         Err(e) => (
             default(),
@@ -73,6 +85,14 @@ mod tests {
         assert!(!t.would_enable("convoy_agent", &Level::DEBUG));
         assert!(!t.would_enable("lapin::channel", &Level::WARN));
         assert!(t.would_enable("lapin::channel", &Level::ERROR));
+    }
+
+    #[test]
+    fn a_misspelt_level_is_not_taken_for_a_target() {
+        let t: Targets = "debgu".parse().expect("parses, as a target");
+        assert!(t.default_level().is_none(), "what filter() refuses");
+        let t: Targets = "info,convoy_bus=debug".parse().expect("parses");
+        assert!(t.default_level().is_some());
     }
 
     #[test]

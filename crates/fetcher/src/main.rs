@@ -30,6 +30,9 @@ fn main() -> ExitCode {
             Err(code) => return code,
         };
     if cli.check_config {
+        if let Err(code) = convoy_daemon::check_bus("convoy-fetcher", config.bus_config()) {
+            return code;
+        }
         println!("configuration is valid ({} repos)", config.repos.len());
         return ExitCode::SUCCESS;
     }

@@ -85,6 +85,26 @@ pub async fn run_with(
             .env("SSL_CERT_FILE", "/dev/null")
             .env("SSL_CERT_DIR", dir);
     }
+    // If the daemon dies without dropping the child (SIGKILL, the OOM killer, a watchdog
+    // kill), the kernel kills the helper too: an orphan must not go on writing into a
+    // mirror or a release directory that the restarted daemon is cleaning up. (The signal
+    // follows the thread that spawned the helper: the daemons' runtime thread, which lives
+    // as long as the daemon.)
+    let parent = std::process::id();
+    // SAFETY: between fork and exec the closure only makes two async-signal-safe system
+    // calls (prctl, getppid) and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The daemon died before the prctl took effect: do not start at all.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("the daemon exited"));
+            }
+            Ok(())
+        });
+    }
     let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -3,6 +3,23 @@
 
 use std::fmt;
 
+/// The most of a detail that travels in the `x-convoy-detail` header. AMQP cannot split a
+/// header frame, and at the default 4 KiB `frame_max` a longer header would make the
+/// broker close the connection; the whole message body is on the dead-letter queue anyway.
+pub const MAX_DETAIL_BYTES: usize = 1024;
+
+/// `detail` cut to [`MAX_DETAIL_BYTES`] at a character boundary, marked with `…` when cut.
+pub fn header_detail(detail: &str) -> String {
+    if detail.len() <= MAX_DETAIL_BYTES {
+        return detail.to_owned();
+    }
+    let mut end = MAX_DETAIL_BYTES - '…'.len_utf8();
+    while !detail.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &detail[..end])
+}
+
 /// A stable, machine-readable reason for refusing a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RejectionCode {
@@ -78,5 +95,19 @@ impl Rejection {
             code,
             detail: detail.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_detail_is_cut_at_a_character_boundary() {
+        assert_eq!(header_detail("short"), "short");
+        let long = "é".repeat(MAX_DETAIL_BYTES);
+        let cut = header_detail(&long);
+        assert!(cut.len() <= MAX_DETAIL_BYTES, "{}", cut.len());
+        assert!(cut.ends_with('…'));
     }
 }

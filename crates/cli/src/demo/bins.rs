@@ -12,6 +12,10 @@ pub struct Bins {
     pub heartbeat: PathBuf,
     pub hook: PathBuf,
     pub ci: PathBuf,
+    /// `convoy-git`, handed to agent and fetcher as `CONVOY_GIT` (they would otherwise look
+    /// only beside themselves).
+    pub git_helper: PathBuf,
+    /// The git CLI.
     pub git: PathBuf,
     pub python: PathBuf,
 }
@@ -52,8 +56,10 @@ impl Bins {
                 .as_ref()
                 .map(|d| d.display().to_string())
                 .unwrap_or_else(|| "this program's directory".into());
+            // A cargo target directory (`target/<profile>/`) names the profile to build.
             let profile = here
                 .as_ref()
+                .filter(|d| d.parent().and_then(Path::file_name) == Some("target".as_ref()))
                 .and_then(|d| d.file_name())
                 .and_then(|n| n.to_str())
                 .map(|n| match n {
@@ -85,6 +91,7 @@ impl Bins {
             heartbeat: next(),
             hook: next(),
             ci: next(),
+            git_helper: next(),
             git,
             python,
         })

@@ -256,7 +256,8 @@ fn demo(
         ] {
             let mut cmd = clean_command(bin);
             cmd.arg("--config")
-                .arg(h.dir.join(format!("{daemon}.toml")));
+                .arg(h.dir.join(format!("{daemon}.toml")))
+                .env("CONVOY_GIT", &bins.git_helper);
             children.spawn(&format!("{}-{daemon}", h.name), cmd)?;
         }
         children.spawn(
