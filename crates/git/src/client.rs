@@ -80,6 +80,13 @@ pub async fn run_with(
     let input = serde_json::to_vec(request)
         .map_err(|e| GitError::Helper(format!("encoding the {op} request: {e}")))?;
     let mut command = tokio::process::Command::new(path);
+    // The daemon's own settings stay with it: `CONVOY_AMQP_URL` carries the broker password,
+    // and the helper needs none of them. The rest (PATH, proxies, locale) it keeps.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("CONVOY_") {
+            command.env_remove(name);
+        }
+    }
     if let Some(dir) = lazy_ca_dir() {
         command
             .env("SSL_CERT_FILE", "/dev/null")

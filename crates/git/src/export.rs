@@ -58,8 +58,18 @@ pub fn export(
         .find_commit(expected)
         .and_then(|c| c.tree())
         .map_err(git)?;
-    std::fs::create_dir_all(dest)
-        .map_err(|e| GitError::Git(format!("creating {}: {e}", dest.display())))?;
+    // A new directory, never an existing one (the protocol's contract: the agent removes a
+    // leftover first). A forced checkout into existing files would mix two trees.
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| GitError::Git(format!("creating {}: {e}", parent.display())))?;
+    }
+    std::fs::create_dir(dest).map_err(|e| {
+        GitError::Git(format!(
+            "creating {}: {e} (an export goes into a new directory only)",
+            dest.display()
+        ))
+    })?;
     let mut checkout = CheckoutBuilder::new();
     checkout.target_dir(dest).force().update_index(false);
     repo.checkout_tree(tree.as_object(), Some(&mut checkout))

@@ -87,6 +87,14 @@ async fn exports_the_signed_commit_and_refuses_a_moved_tag() -> anyhow::Result<(
     );
     assert_ne!(mode & 0o111, 0, "the executable bit is kept");
 
+    // Never into an existing directory: a forced checkout would mix two trees.
+    match run_with(helper, &export(&mirror, "refs/tags/v1", &sha, &dest)?, long).await? {
+        Reply::Failed(GitError::Git(e)) => {
+            assert!(e.contains("new directory only"), "{e}")
+        }
+        other => panic!("expected a refusal of an existing directory, got {other:?}"),
+    }
+
     // The signed commit is v1's, but the tag names another commit now.
     let other = "0123456789abcdef0123456789abcdef01234567";
     let moved = dir.path().join("releases/two");
