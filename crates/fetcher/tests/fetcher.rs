@@ -293,3 +293,79 @@ async fn a_broker_restart_during_a_burst_loses_no_push() -> anyhow::Result<()> {
     cancel.cancel();
     Ok(())
 }
+
+/// The `convoy-git` helpers a process has running (children named `convoy-git`).
+fn helpers_of(parent: i32) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 2..].split_whitespace().nth(1))
+                .and_then(|v| v.parse::<i32>().ok());
+            stat.contains("(convoy-git)") && ppid == Some(parent)
+        })
+        .collect()
+}
+
+/// Whether `pid` still runs (a zombie waiting to be reaped has stopped).
+fn runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+/// A fetcher killed with SIGKILL mid-fetch takes its `convoy-git` helper with it: an orphan
+/// must not go on writing into the mirror the next fetcher uses.
+#[tokio::test]
+async fn a_fetcher_killed_mid_fetch_takes_its_helper_with_it() -> anyhow::Result<()> {
+    let tb = TestBus::new();
+    let dir = tempfile::tempdir()?;
+    // A git server that accepts and then says nothing: the fetch hangs in the helper.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let toml = format!(
+        "host = \"host-k\"\nmirror_dir = \"{}\"\n[repos.web]\nurl = \"http://127.0.0.1:{port}/web.git\"\n",
+        dir.path().join("mirrors").display()
+    );
+    let (mut fetcher, _tap) = common::start_fetcher(&tb, dir.path(), "host-k", &toml, &[]).await?;
+    let pid = fetcher
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("the fetcher has no pid"))?;
+    let helper = wait_until(
+        Duration::from_secs(20),
+        "the catch-up fetch's helper",
+        || {
+            let found = helpers_of(pid).first().copied();
+            async move { found }
+        },
+    )
+    .await?;
+
+    fetcher.kill9();
+    let gone = wait_until(Duration::from_secs(10), "the helper to die", || {
+        let dead = !runs(helper);
+        async move { dead.then_some(()) }
+    })
+    .await;
+    if gone.is_err() {
+        // Do not leave it behind when the test fails.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(helper),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    gone.map_err(|e| anyhow::anyhow!("{e}: helper {helper} outlived its fetcher"))
+}
