@@ -156,8 +156,18 @@ pub async fn run_with(
                 );
             }
             let _ = child.wait().await;
+            let hint = match request {
+                Request::Fetch { .. } => {
+                    "the git server stopped answering, or the fetch needs longer: check the \
+                     server, or raise fetch_timeout_s"
+                }
+                Request::Export { .. } => {
+                    "the checkout from the mirror did not finish: check the disk under the \
+                     releases directory and the mirror (`git fsck` in it)"
+                }
+            };
             return Err(GitError::Git(format!(
-                "{op} killed at its deadline ({} s)",
+                "{op} killed at its deadline ({} s): {hint}",
                 deadline.as_secs()
             )));
         }

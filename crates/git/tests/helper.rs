@@ -166,7 +166,10 @@ async fn a_stuck_fetch_is_killed_at_its_deadline() -> anyhow::Result<()> {
     let started = Instant::now();
     let result = run_with(Path::new(HELPER), &request, Duration::from_secs(2)).await;
     match result {
-        Err(GitError::Git(e)) => assert!(e.contains("killed at its deadline"), "{e}"),
+        Err(GitError::Git(e)) => assert!(
+            e.contains("killed at its deadline") && e.contains("raise fetch_timeout_s"),
+            "{e}"
+        ),
         other => panic!("expected the deadline, got {other:?}"),
     }
     assert!(started.elapsed() < Duration::from_secs(20));
