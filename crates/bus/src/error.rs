@@ -40,9 +40,7 @@ impl BusError {
             Self::BadUrl { .. } | Self::BadExchange(_) | Self::TlsCa { .. }
         )
     }
-}
 
-impl BusError {
     pub(crate) fn amqp(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> BusError {
         let context = context.into();
         move |source| BusError::Amqp { context, source }

@@ -106,11 +106,8 @@ fn main() -> ExitCode {
                     "convoy-conductor: restarting will not fix this: restore a backup of the store (docs/operating.md#restoring)"
                 );
                 ExitCode::from(EXIT_STORE_DAMAGED)
-            } else if convoy_daemon::is_config_fault(&e) {
-                eprintln!("convoy-conductor: fix the configuration and start it again");
-                ExitCode::from(convoy_daemon::EXIT_CONFIG)
             } else {
-                ExitCode::FAILURE
+                convoy_daemon::failure_code("convoy-conductor", &e)
             }
         }
     }

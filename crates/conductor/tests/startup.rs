@@ -37,18 +37,8 @@ async fn a_rollout_record_it_cannot_read_stops_the_conductor_with_status_65() ->
     anyhow::ensure!(changed == 1, "rollout {id} not in the store");
     drop(conn);
 
-    let config = fleet.conductor_config.to_string_lossy().into_owned();
     let started = Instant::now();
-    let mut conductor = Daemon::spawn(
-        "conductor-damaged",
-        Path::new(env!("CARGO_BIN_EXE_convoy-conductor")),
-        &["--config", &config],
-        &fleet.tb.env(),
-        fleet.path(),
-    )?;
-    let status = conductor.wait(Duration::from_secs(20)).await;
-    let log = conductor.log();
-    let status = status.map_err(|e| anyhow::anyhow!("{e}\n{log}"))?;
+    let (status, log) = run_to_exit(&fleet, "conductor-damaged", &fleet.tb.env()).await?;
     assert_eq!(status.code(), Some(65), "{log}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -120,18 +110,29 @@ async fn check_config_and_a_bad_broker_url_answer_with_status_78() -> anyhow::Re
         "CONVOY_AMQP_URL".into(),
         "amqp://guest:guest@127.0.0.1:no-port/%2f".into(),
     ));
-    let config = path.to_string_lossy().into_owned();
+    let (status, log) = run_to_exit(&fleet, "conductor-bad-url", &env).await?;
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(log.contains("invalid amqp_url"), "{log}");
+    Ok(())
+}
+
+/// Starts a conductor on the fleet's configuration with `env` and waits (20 s at most) for
+/// it to stop by itself: its exit status and its log.
+async fn run_to_exit(
+    fleet: &Fleet,
+    name: &str,
+    env: &[(String, String)],
+) -> anyhow::Result<(std::process::ExitStatus, String)> {
+    let config = fleet.conductor_config.to_string_lossy().into_owned();
     let mut conductor = Daemon::spawn(
-        "conductor-bad-url",
+        name,
         Path::new(env!("CARGO_BIN_EXE_convoy-conductor")),
         &["--config", &config],
-        &env,
+        env,
         fleet.path(),
     )?;
     let status = conductor.wait(Duration::from_secs(20)).await;
     let log = conductor.log();
     let status = status.map_err(|e| anyhow::anyhow!("{e}\n{log}"))?;
-    assert_eq!(status.code(), Some(78), "{log}");
-    assert!(log.contains("invalid amqp_url"), "{log}");
-    Ok(())
+    Ok((status, log))
 }

@@ -76,6 +76,17 @@ pub fn is_config_fault(e: &anyhow::Error) -> bool {
     })
 }
 
+/// The exit status for a daemon's error (already printed): [`EXIT_CONFIG`] with a hint when
+/// [`is_config_fault`], else 1.
+pub fn failure_code(program: &str, e: &anyhow::Error) -> ExitCode {
+    if is_config_fault(e) {
+        eprintln!("{program}: fix the configuration and start it again");
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 /// Runs a daemon's main future on a single-threaded runtime (an idle daemon needs no more),
 /// printing `<program>: <error>` and failing if it returns an error: with [`EXIT_CONFIG`]
 /// when the error is a bus setting that cannot work (URL, exchange, CA file), else 1.
@@ -95,12 +106,7 @@ pub fn block_on(program: &str, main: impl Future<Output = anyhow::Result<()>>) -
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("{program}: {e:#}");
-            if is_config_fault(&e) {
-                eprintln!("{program}: fix the configuration and start it again");
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
+            failure_code(program, &e)
         }
     }
 }

@@ -107,7 +107,7 @@ pub async fn run_with(
             }
             // The daemon died before the prctl took effect: do not start at all.
             if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::other("the daemon exited"));
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
