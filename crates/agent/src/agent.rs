@@ -266,6 +266,7 @@ fn republish(ctx: &Ctx, entry: Entry, bytes: &[u8]) {
 
 /// Records the result, then queues it for publication.
 fn finish(ctx: &Ctx, entry: Entry, result: Message) {
+    tracing::debug!(id = %entry.id, "result ready");
     let bytes = match result.encode() {
         Ok(b) => b,
         Err(e) => {
@@ -311,6 +312,7 @@ async fn flock(ctx: &Ctx, app: &str) -> Result<Flock<std::fs::File>, String> {
 
 impl Handler for Agent {
     async fn handle(&self, incoming: Incoming) -> Disposition {
+        tracing::debug!(message = %incoming.message.id, "command delivered");
         let verifier = self.verifier();
         // Signature and address first; the validity window only for commands not seen
         // before, so a command re-sent after it expired is still answered from the journal.
@@ -346,6 +348,7 @@ impl Handler for Agent {
                 Disposition::Ack
             }
             Ok(Lookup::New) => {
+                tracing::debug!(id = %command.id, "command verified");
                 if let Err(rejection) = verifier.check_window(&command, Utc::now()) {
                     return Disposition::DeadLetter(rejection);
                 }

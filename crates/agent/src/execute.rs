@@ -772,7 +772,8 @@ impl<'a> Run<'a> {
             }
             None => (None, None),
         };
-        let duration = (Utc::now() - self.progress.started_at)
+        let finished_at = Utc::now();
+        let duration = (finished_at - self.progress.started_at)
             .num_milliseconds()
             .max(0) as u64;
         let result = DeployResult {
@@ -790,6 +791,7 @@ impl<'a> Run<'a> {
             error: end.error,
             started_at: self.progress.started_at,
             duration_ms: duration,
+            finished_at: Some(finished_at),
         };
         Message::new(self.ctx.from.clone(), Body::Result(result))
     }

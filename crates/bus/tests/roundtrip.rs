@@ -277,6 +277,7 @@ async fn progress_and_results_take_separate_queues_after_an_upgrade() -> anyhow:
             error: None,
             started_at: chrono::Utc::now(),
             duration_ms: 1,
+            finished_at: None,
         }),
     );
     let out = Outgoing::message(&result)?;

@@ -39,6 +39,19 @@ fn walk_logs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// A host's own time for its command in rollout `r`: from the result's `started_at` to its
+/// `finished_at` (microseconds), else its whole-millisecond `duration_ms`.
+fn own_ms(r: &Value, host: &Value) -> Option<f64> {
+    let res = r["results"]
+        .as_array()?
+        .iter()
+        .find(|res| res["command_id"] == host["command"])?;
+    match (time(&res["started_at"]), time(&res["finished_at"])) {
+        (Some(s), Some(f)) => Some((f - s).num_microseconds().unwrap_or(0) as f64 / 1000.0),
+        _ => res["duration_ms"].as_u64().map(|ms| ms as f64),
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -83,11 +96,7 @@ async fn rollout(hosts: usize, batch: usize) -> anyhow::Result<()> {
         let of: Vec<&Value> = hosts_v.iter().filter(|h| h["batch"] == b).collect();
         let sent = of.iter().filter_map(|h| time(&h["sent_at"])).min();
         let done = of.iter().filter_map(|h| time(&h["finished_at"])).max();
-        let agent_ms = of
-            .iter()
-            .filter_map(|h| h["duration_ms"].as_u64())
-            .max()
-            .unwrap_or(0) as f64;
+        let agent_ms = of.iter().filter_map(|h| own_ms(&r, h)).fold(0.0, f64::max);
         if let (Some(s), Some(d)) = (sent, done) {
             let span = (d - s).num_microseconds().unwrap_or(0) as f64 / 1000.0;
             overhead.push(span - agent_ms);
@@ -111,10 +120,10 @@ async fn rollout(hosts: usize, batch: usize) -> anyhow::Result<()> {
             time(&host["sent_at"]),
             time(&res["started_at"]),
             time(&host["finished_at"]),
-            res["duration_ms"].as_u64(),
+            own_ms(&r, host),
         ) {
             out_ms.push((start - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
-            let end = start + chrono::Duration::milliseconds(ms as i64);
+            let end = start + chrono::Duration::microseconds((ms * 1000.0) as i64);
             back_ms.push((done - end).num_microseconds().unwrap_or(0) as f64 / 1000.0);
         }
     }
@@ -131,12 +140,13 @@ async fn rollout(hosts: usize, batch: usize) -> anyhow::Result<()> {
                 .flatten()
                 .find(|res| res["command_id"] == h["command"]);
             timeline.push_str(&format!(
-                "{} batch={} sent={} started={} duration_ms={} finished={}\n",
+                "{} batch={} sent={} started={} duration_ms={} agent_finished={} finished={}\n",
                 h["host"],
                 h["batch"],
                 h["sent_at"],
                 res.map(|x| x["started_at"].clone()).unwrap_or_default(),
                 res.map(|x| x["duration_ms"].clone()).unwrap_or_default(),
+                res.map(|x| x["finished_at"].clone()).unwrap_or_default(),
                 h["finished_at"],
             ));
         }

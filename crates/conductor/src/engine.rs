@@ -548,6 +548,7 @@ impl Engine {
             }
         }
         let rollouts = &self.rollouts;
+        tracing::debug!(commands = fresh.len(), "writing the store");
         let result = self.store.write(|tx| {
             for (id, _) in &changes {
                 if let Some(r) = rollouts.get(id) {
@@ -577,6 +578,7 @@ impl Engine {
             }
             return Err(e);
         }
+        tracing::debug!(commands = fresh.len(), "store committed");
         for (_, _, host, bytes) in fresh {
             self.send(host, bytes);
         }
@@ -660,6 +662,7 @@ impl Engine {
                     return;
                 }
             };
+            tracing::debug!(%host, command = %message.id, "publishing a command");
             match publisher
                 .publish(&out, Retry::until_cancelled(cancel))
                 .await

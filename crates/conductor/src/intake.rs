@@ -25,6 +25,7 @@ pub async fn on_event(
     let (tx, rx) = oneshot::channel();
     let input = match message.body {
         Body::Result(result) => {
+            tracing::debug!(command = %result.command_id, host = %result.host, "result delivered");
             shared.forget_progress(result.command_id);
             Input::Result {
                 result: Box::new(result),

@@ -170,6 +170,34 @@ fn backup(args: &ConfigArgs, dest: &std::path::Path) -> ExitCode {
     }
 }
 
+/// Checkpoints the store's write-ahead log every second on a thread of its own (see
+/// [`Store::checkpoint`]), until `stop`.
+fn checkpoints(store: Store, stop: tokio_util::sync::CancellationToken) {
+    let spawned = std::thread::Builder::new()
+        .name("store-checkpoint".into())
+        .spawn(move || {
+            let mut failing = false;
+            while !stop.is_cancelled() {
+                std::thread::sleep(Duration::from_secs(1));
+                match store.checkpoint() {
+                    Ok((frames, copied)) => {
+                        failing = false;
+                        tracing::trace!(frames, copied, "store checkpoint");
+                    }
+                    // Not fatal: the engine's own connection still checkpoints at 1000 pages.
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot checkpoint the store's log; SQLite will at 1000 pages");
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the store's checkpoint thread; SQLite checkpoints at 1000 pages");
+    }
+}
+
 async fn run(config: Config, key: KeyPair) -> anyhow::Result<()> {
     let life = Lifecycle::start()?;
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
@@ -180,6 +208,7 @@ async fn run(config: Config, key: KeyPair) -> anyhow::Result<()> {
     })?;
     let store = Store::open(&config.db_path())?;
     let reader = Store::open(&config.db_path())?;
+    checkpoints(Store::open(&config.db_path())?, life.token());
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("config key `listen` ({})", config.listen))?;

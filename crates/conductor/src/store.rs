@@ -154,10 +154,25 @@ impl Store {
         Ok(Self { conn })
     }
 
+    /// Copies what the write-ahead log holds into the database without waiting for anyone
+    /// (`PRAGMA wal_checkpoint(PASSIVE)`); returns the log's frames and how many of them are
+    /// now in the database. Run on its own connection, away from the engine: when every
+    /// frame is copied, the engine's next commit starts the log over and overwrites it
+    /// instead of growing the file (an overwrite's fsync costs half an append's here), and
+    /// the engine's commits rarely reach SQLite's own checkpoint, which would run inline.
+    pub fn checkpoint(&self) -> Result<(i64, i64)> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(1)?, r.get(2)?))
+            })?)
+    }
+
     /// Runs `f` in one transaction: all of it is durable, or none of it.
     pub fn write<T>(&mut self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         let tx = self.conn.transaction()?;
         let out = f(&Tx { tx: &tx })?;
+        tracing::trace!("committing");
         tx.commit()?;
         Ok(out)
     }
@@ -241,11 +256,8 @@ impl Store {
     pub fn has_result(&self, command: Uuid) -> Result<bool> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT 1 FROM results WHERE command = ?1",
-                [command.to_string()],
-                |_| Ok(()),
-            )
+            .prepare_cached("SELECT 1 FROM results WHERE command = ?1")?
+            .query_row([command.to_string()], |_| Ok(()))
             .optional()?
             .is_some())
     }
@@ -256,11 +268,10 @@ impl Store {
     pub fn command_rollout(&self, id: Uuid, host: &str) -> Result<Option<i64>> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT rollout FROM commands WHERE id = ?1 AND host = ?2",
-                params![id.to_string(), host],
-                |r| r.get::<_, Option<i64>>(0),
-            )
+            .prepare_cached("SELECT rollout FROM commands WHERE id = ?1 AND host = ?2")?
+            .query_row(params![id.to_string(), host], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
             .optional()?
             .flatten())
     }
@@ -364,15 +375,21 @@ pub struct Tx<'a> {
 }
 
 impl Tx<'_> {
+    /// Runs a statement from the connection's statement cache (the same few run for every
+    /// result, so they are parsed once).
+    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
+        Ok(self.tx.prepare_cached(sql)?.execute(params)?)
+    }
+
     /// Inserts a new rollout, giving it its id.
     pub fn insert_rollout(&self, rollout: &mut Rollout) -> Result<()> {
-        self.tx.execute(
+        self.exec(
             "INSERT INTO rollouts (app, stage, state, created_at, updated_at, body) VALUES (?1, ?2, ?3, ?4, ?4, '{}')",
             params![rollout.app.as_str(), rollout.stage, rollout.state.as_str(), ts(rollout.created_at)],
         )?;
         rollout.id = self.tx.last_insert_rowid();
         for h in &rollout.hosts {
-            self.tx.execute(
+            self.exec(
                 "INSERT OR IGNORE INTO rollout_hosts (rollout, host) VALUES (?1, ?2)",
                 params![rollout.id, h.host.as_str()],
             )?;
@@ -385,7 +402,7 @@ impl Tx<'_> {
             what: format!("rollout {}", rollout.id),
             cause,
         })?;
-        self.tx.execute(
+        self.exec(
             "UPDATE rollouts SET state = ?2, updated_at = ?3, body = ?4 WHERE id = ?1",
             params![
                 rollout.id,
@@ -404,7 +421,7 @@ impl Tx<'_> {
         host: &str,
         message: &[u8],
     ) -> Result<()> {
-        self.tx.execute(
+        self.exec(
             "INSERT OR IGNORE INTO commands (id, rollout, host, message, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id.to_string(), rollout, host, message, ts(Utc::now())],
         )?;
@@ -417,7 +434,7 @@ impl Tx<'_> {
             what: format!("result of {}", result.command_id),
             cause,
         })?;
-        let n = self.tx.execute(
+        let n = self.exec(
             "INSERT OR IGNORE INTO results (command, rollout, host, body, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![result.command_id.to_string(), rollout, result.host.as_str(), body, ts(Utc::now())],
         )?;
@@ -425,7 +442,7 @@ impl Tx<'_> {
     }
 
     pub fn insert_pipeline(&self, p: &mut Pipeline) -> Result<()> {
-        self.tx.execute(
+        self.exec(
             "INSERT INTO pipelines (app, state, created_at, updated_at, body) VALUES (?1, ?2, ?3, ?3, '{}')",
             params![p.app.as_str(), p.state.as_str(), ts(p.created_at)],
         )?;
@@ -438,7 +455,7 @@ impl Tx<'_> {
             what: format!("pipeline {}", p.id),
             cause,
         })?;
-        self.tx.execute(
+        self.exec(
             "UPDATE pipelines SET state = ?2, updated_at = ?3, body = ?4 WHERE id = ?1",
             params![p.id, p.state.as_str(), ts(p.updated_at), body],
         )?;
@@ -454,7 +471,7 @@ impl Tx<'_> {
         rollout: Option<i64>,
         detail: &str,
     ) -> Result<()> {
-        self.tx.execute(
+        self.exec(
             "INSERT INTO audit (at, actor, action, app, stage, rollout, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![ts(Utc::now()), actor, action, app, stage, rollout, detail],
         )?;
@@ -463,12 +480,12 @@ impl Tx<'_> {
 
     pub fn set_ref(&self, repo: &str, source: &str, name: &str, sha: Option<&str>) -> Result<()> {
         match sha {
-            Some(sha) => self.tx.execute(
+            Some(sha) => self.exec(
                 "INSERT INTO refs (repo, source, name, sha, at) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (repo, source, name) DO UPDATE SET sha = excluded.sha, at = excluded.at",
                 params![repo, source, name, sha, ts(Utc::now())],
             )?,
-            None => self.tx.execute(
+            None => self.exec(
                 "DELETE FROM refs WHERE repo = ?1 AND source = ?2 AND name = ?3",
                 params![repo, source, name],
             )?,
@@ -483,7 +500,7 @@ impl Tx<'_> {
         source: &str,
         refs: impl Iterator<Item = (&'r str, &'r str)>,
     ) -> Result<()> {
-        self.tx.execute(
+        self.exec(
             "DELETE FROM refs WHERE repo = ?1 AND source = ?2",
             params![repo, source],
         )?;
@@ -494,7 +511,7 @@ impl Tx<'_> {
     }
 
     pub fn mark_seen(&self, id: Uuid) -> Result<()> {
-        self.tx.execute(
+        self.exec(
             "INSERT OR IGNORE INTO seen (id, at) VALUES (?1, ?2)",
             params![id.to_string(), ts(Utc::now())],
         )?;

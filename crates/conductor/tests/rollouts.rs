@@ -457,6 +457,7 @@ async fn a_result_for_an_unknown_rollout_stays_out_of_the_rollout_that_has_its_n
                 error: Some("from another conductor".into()),
                 started_at: chrono::Utc::now(),
                 duration_ms: 1,
+                finished_at: None,
             }),
         );
         publisher

@@ -253,6 +253,10 @@ pub struct DeployResult {
     pub error: Option<String>,
     pub started_at: DateTime<Utc>,
     pub duration_ms: u64,
+    /// When the result was built, to the microsecond (`duration_ms` is whole milliseconds).
+    /// Absent from agents before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 /// One app's releases on one host.

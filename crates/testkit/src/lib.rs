@@ -68,28 +68,50 @@ pub fn free_port() -> u16 {
 /// binaries before any test starts, so they are fresh; when a test is run alone and the binary
 /// is missing, it is built here (`cargo build -p`, which resolves features differently and so
 /// is not done when the binary exists: after changing another crate, run the workspace's tests
-/// or build it first).
+/// or build it first). Under any other profile (`cargo bench -p …` builds only its own
+/// package's binaries) the binary is built once per process, so a benchmark never measures a
+/// stale build of another crate.
 pub fn workspace_bin(package: &str, name: &str) -> std::path::PathBuf {
+    use std::collections::BTreeSet;
     use std::sync::Mutex;
-    static BUILDING: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     // target/<profile>/deps/<test binary> → target/<profile>/<name>
     let dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().and_then(|d| d.parent()).map(|d| d.to_path_buf()))
         .unwrap_or_else(|| "target/debug".into());
     let path = dir.join(name);
-    if path.exists() {
+    let profile = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug")
+        .to_owned();
+    let fresh = if profile == "debug" {
+        path.exists()
+    } else {
+        built.contains(name)
+    };
+    if fresh {
         return path;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
     cmd.args(["build", "-q", "-p", package, "--bin", name]);
-    if dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
+    if profile != "debug" {
+        // `bench` is cargo's name for the profile whose output directory is `release`.
+        let profile = if profile == "release" {
+            "bench"
+        } else {
+            &profile
+        };
+        cmd.args(["--profile", profile]);
     }
     match cmd.status() {
-        Ok(s) if s.success() => path,
+        Ok(s) if s.success() => {
+            built.insert(name.to_owned());
+            path
+        }
         other => panic!("building {name} for the test failed: {other:?}"),
     }
 }
