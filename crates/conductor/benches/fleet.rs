@@ -39,13 +39,17 @@ fn walk_logs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// A host's own time for its command in rollout `r`: from the result's `started_at` to its
-/// `finished_at` (microseconds), else its whole-millisecond `duration_ms`.
-fn own_ms(r: &Value, host: &Value) -> Option<f64> {
-    let res = r["results"]
+/// The result of `host`'s command in rollout `r`.
+fn result_of<'a>(r: &'a Value, host: &Value) -> Option<&'a Value> {
+    r["results"]
         .as_array()?
         .iter()
-        .find(|res| res["command_id"] == host["command"])?;
+        .find(|res| res["command_id"] == host["command"])
+}
+
+/// An agent's own time for a command, from its result: `started_at` to `finished_at`
+/// (microseconds), else the whole-millisecond `duration_ms`.
+fn own_ms(res: &Value) -> Option<f64> {
     match (time(&res["started_at"]), time(&res["finished_at"])) {
         (Some(s), Some(f)) => Some((f - s).num_microseconds().unwrap_or(0) as f64 / 1000.0),
         _ => res["duration_ms"].as_u64().map(|ms| ms as f64),
@@ -96,7 +100,10 @@ async fn rollout(hosts: usize, batch: usize) -> anyhow::Result<()> {
         let of: Vec<&Value> = hosts_v.iter().filter(|h| h["batch"] == b).collect();
         let sent = of.iter().filter_map(|h| time(&h["sent_at"])).min();
         let done = of.iter().filter_map(|h| time(&h["finished_at"])).max();
-        let agent_ms = of.iter().filter_map(|h| own_ms(&r, h)).fold(0.0, f64::max);
+        let agent_ms = of
+            .iter()
+            .filter_map(|h| result_of(&r, h).and_then(own_ms))
+            .fold(0.0, f64::max);
         if let (Some(s), Some(d)) = (sent, done) {
             let span = (d - s).num_microseconds().unwrap_or(0) as f64 / 1000.0;
             overhead.push(span - agent_ms);
@@ -120,7 +127,7 @@ async fn rollout(hosts: usize, batch: usize) -> anyhow::Result<()> {
             time(&host["sent_at"]),
             time(&res["started_at"]),
             time(&host["finished_at"]),
-            own_ms(&r, host),
+            own_ms(res),
         ) {
             out_ms.push((start - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
             let end = start + chrono::Duration::microseconds((ms * 1000.0) as i64);
@@ -134,11 +141,7 @@ async fn rollout(hosts: usize, batch: usize) -> anyhow::Result<()> {
         std::fs::create_dir_all(&keep)?;
         let mut timeline = String::new();
         for h in &hosts_v {
-            let res = r["results"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|res| res["command_id"] == h["command"]);
+            let res = result_of(&r, h);
             timeline.push_str(&format!(
                 "{} batch={} sent={} started={} duration_ms={} agent_finished={} finished={}\n",
                 h["host"],
