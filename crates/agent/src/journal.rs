@@ -3,7 +3,10 @@
 //! ```text
 //! <id>/command     the message exactly as received (written before the delivery is acked)
 //! <id>/state.json  how far execution got, rewritten atomically before each step
-//! <id>/result      the result message exactly as published (written before publishing)
+//! <id>/result      the result message exactly as published (written before publishing);
+//!                  created empty with the entry, so saving it costs one write and one
+//!                  fdatasync: empty or torn (a crash mid-save, so never published) reads
+//!                  as no result
 //! <id>/published   present once the broker confirmed the result
 //! ```
 //!
@@ -11,12 +14,12 @@
 //! with other bytes is a replay; an entry without a result after a restart is recovered.
 
 use chrono::{DateTime, Utc};
-use convoy_message::StepReport;
 use convoy_message::names::ReleaseId;
+use convoy_message::{Message, StepReport};
 use convoy_release::{LayoutError, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
@@ -149,6 +152,8 @@ impl Journal {
         let dir = self.dir.join(id.to_string());
         fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         let entry = Entry { id, dir };
+        // Its name becomes durable with the fsyncs below, before the command is acked.
+        fs::File::create(entry.result_path()).map_err(io_at(&entry.dir))?;
         entry.save_progress(&Progress::new())?;
         write_atomic(&entry.dir.join("payload"), payload)?;
         write_atomic(&entry.dir.join("command"), raw)?;
@@ -211,12 +216,34 @@ impl Entry {
         write_atomic(&self.dir.join("state.json"), &bytes)
     }
 
-    pub fn result(&self) -> Option<Vec<u8>> {
-        fs::read(self.dir.join("result")).ok()
+    fn result_path(&self) -> PathBuf {
+        self.dir.join("result")
     }
 
+    /// The recorded result, if the command finished and its result was saved whole.
+    pub fn result(&self) -> Option<Vec<u8>> {
+        let bytes = fs::read(self.result_path()).ok()?;
+        Message::decode(&bytes).is_ok().then_some(bytes)
+    }
+
+    /// Saves the result durably before it is published: one write and one fdatasync into
+    /// the file created with the entry (the result is on the path from the agent's last
+    /// step to the conductor). Entries recorded by an older agent have no such file and
+    /// get an atomic write.
     pub fn save_result(&self, bytes: &[u8]) -> Result<(), LayoutError> {
-        write_atomic(&self.dir.join("result"), bytes)
+        let path = self.result_path();
+        match fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+        {
+            Ok(mut f) => f
+                .write_all(bytes)
+                .and_then(|()| f.sync_data())
+                .map_err(io_at(&path)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => write_atomic(&path, bytes),
+            Err(e) => Err(io_at(&path)(e)),
+        }
     }
 
     pub fn is_published(&self) -> bool {
@@ -249,10 +276,44 @@ mod tests {
         assert!(matches!(j.lookup(id, b"cmd").unwrap(), Lookup::Known(_)));
         assert!(matches!(j.lookup(id, b"other").unwrap(), Lookup::Reused));
         assert_eq!(e.progress().phase, Phase::Accepted);
-        assert!(e.result().is_none());
-        e.save_result(b"r").unwrap();
+        assert!(e.result().is_none(), "an entry starts with no result");
+        let result = Message::new("agent", heartbeat()).encode().unwrap();
+        e.save_result(&result[..result.len() / 2]).unwrap();
+        assert!(e.result().is_none(), "a torn result is no result");
+        e.save_result(&result).unwrap();
+        assert_eq!(e.result(), Some(result.clone()));
+        e.save_result(&result[..10]).unwrap();
+        assert!(
+            e.result().is_none(),
+            "a shorter save leaves no tail of the longer one"
+        );
+        e.save_result(&result).unwrap();
         e.mark_published().unwrap();
         assert_eq!(j.entries().unwrap().len(), 1);
         assert_eq!(j.prune(0).unwrap(), 1);
+    }
+
+    #[test]
+    fn an_entry_without_a_result_file_still_saves_its_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let e = j.record(Uuid::now_v7(), b"envelope", b"cmd").unwrap();
+        fs::remove_file(e.result_path()).unwrap();
+        let result = Message::new("agent", heartbeat()).encode().unwrap();
+        e.save_result(&result).unwrap();
+        assert_eq!(e.result(), Some(result));
+    }
+
+    fn heartbeat() -> convoy_message::Body {
+        convoy_message::Body::Heartbeat(convoy_message::Heartbeat {
+            host: "web-01".parse().unwrap(),
+            labels: Default::default(),
+            versions: Default::default(),
+            apps: Default::default(),
+            load: [0.0; 3],
+            disk_free_bytes: 0,
+            interval_s: 10,
+            started_at: Utc::now(),
+        })
     }
 }

@@ -36,6 +36,7 @@ fn push(n: u64) -> Message {
 async fn main() -> anyhow::Result<()> {
     let warmup = 200u64;
     let samples = 2_000u64;
+    let idle_samples = 300u64;
     let bulk = 20_000u64;
     let tb = TestBus::new();
     let bus = Bus::new(tb.config(), "bench")?;
@@ -57,10 +58,17 @@ async fn main() -> anyhow::Result<()> {
     });
     let publisher = Arc::new(Publisher::new(bus.clone()));
 
-    // 1. Latency, one message in flight: publish + confirm + delivery + handler.
+    // 1. Latency, one message in flight: publish + confirm + delivery + handler; first
+    //    back to back, then after 20 ms of quiet each (as a rollout's hops are: every
+    //    process on the path has gone idle in between).
     let mut confirm = Histogram::<u64>::new(3)?;
     let mut round_trip = Histogram::<u64>::new(3)?;
-    for n in 0..warmup + samples {
+    let mut idle_round_trip = Histogram::<u64>::new(3)?;
+    for n in 0..warmup + samples + idle_samples {
+        let idle = n >= warmup + samples;
+        if idle {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let m = push(n);
         let out = Outgoing::message(&m)?;
         let t0 = Instant::now();
@@ -72,7 +80,9 @@ async fn main() -> anyhow::Result<()> {
             .await
             .ok_or_else(|| anyhow::anyhow!("consumer stopped"))?;
         anyhow::ensure!(id == m.id, "out of order");
-        if n >= warmup {
+        if idle {
+            idle_round_trip.record((at - t0).as_micros() as u64)?;
+        } else if n >= warmup {
             confirm.record(confirmed.as_micros() as u64)?;
             round_trip.record((at - t0).as_micros() as u64)?;
         }
@@ -122,6 +132,11 @@ async fn main() -> anyhow::Result<()> {
         "  publish→consume      p50 {:.3} ms  p99 {:.3} ms  (n={samples})",
         ms(round_trip.value_at_quantile(0.5)),
         ms(round_trip.value_at_quantile(0.99))
+    );
+    println!(
+        "  publish→consume, each after 20 ms idle  p50 {:.3} ms  p99 {:.3} ms  (n={idle_samples})",
+        ms(idle_round_trip.value_at_quantile(0.5)),
+        ms(idle_round_trip.value_at_quantile(0.99))
     );
     println!(
         "  confirmed throughput {:.0} msg/s  ({bulk} msgs, 64 in flight, {:.2} s)",
