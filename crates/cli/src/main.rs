@@ -149,6 +149,13 @@ enum Command {
     },
     /// The fleet: hosts alive, stale or gone, with what they run.
     Hosts,
+    /// Ask one host's agent what each app runs and which releases it keeps on disk.
+    Inventory {
+        host: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 15)]
+        wait: u64,
+    },
     /// Past rollouts; with an id, one rollout host by host with step output.
     History {
         id: Option<i64>,
@@ -243,6 +250,32 @@ enum BusCommand {
     Setup(bus_setup::SetupArgs),
 }
 
+/// Sends the inventory command, then polls for the answer to that very command.
+fn inventory(client: &Client, host: &str, wait: u64, json_out: bool) -> Result<ExitCode, Failure> {
+    let path = format!("/api/hosts/{}/inventory", client::encode(host));
+    let asked = client.post(&path, &json!({}))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    loop {
+        match client.get(&path) {
+            Ok(v) if v["command"] == asked["command"] => {
+                return print(json_out, &v, output::inventory);
+            }
+            // Not answered yet (404), or an older answer.
+            Ok(_) | Err(Failure::Refused(_)) => {}
+            Err(e) => return Err(e),
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!(
+                "convoy: {host} did not answer within {wait} s: is its agent running and \
+                 connected (`convoy hosts`)? The question stays valid for 5 minutes; \
+                 `convoy inventory {host}` asks again"
+            );
+            return Ok(ExitCode::from(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -308,6 +341,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let v = client.get("/api/hosts")?;
             print(json_out, &v, output::hosts)
         }
+        Command::Inventory { host, wait } => inventory(&client, &host, wait, json_out),
         Command::History { id: Some(id), .. } => {
             let v = client.get(&format!("/api/rollouts/{id}"))?;
             print(json_out, &v, output::rollout_detail)

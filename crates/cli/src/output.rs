@@ -262,6 +262,45 @@ pub fn hosts(v: &Value) {
     table(&["HOST", "STATE", "LAST SEEN", "LABELS", "RELEASES"], &rows);
 }
 
+/// One host's inventory: per app, what runs, the rollback target, every release on disk.
+pub fn inventory(v: &Value) {
+    println!(
+        "{} (answered {})",
+        s(&v["host"]),
+        s(&v["received_at"]).chars().take(19).collect::<String>()
+    );
+    let rows: Vec<Vec<String>> = v["apps"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(app, a)| {
+            let kept: Vec<String> = v["releases"][app]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            vec![
+                app.clone(),
+                s(&a["current"]),
+                s(&a["previous"]),
+                sha7(&a["commit"]),
+                kept.join(" "),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "APP",
+            "CURRENT",
+            "PREVIOUS",
+            "COMMIT",
+            "RELEASES ON DISK (oldest first)",
+        ],
+        &rows,
+    );
+}
+
 fn duration(from: &Value, to: &Value) -> String {
     let parse = |v: &Value| {
         v.as_str()

@@ -10,6 +10,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use convoy_message::names::HostName;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -153,6 +154,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/apps", get(apps))
         .route("/api/hosts", get(hosts))
+        .route(
+            "/api/hosts/{host}/inventory",
+            get(inventory).post(ask_inventory),
+        )
         .route("/api/rollouts", get(history).post(deploy))
         .route("/api/rollouts/{id}", get(rollout))
         .route("/api/rollouts/{id}/{action}", post(act))
@@ -258,6 +263,44 @@ async fn apps(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> ApiResult {
 async fn hosts(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> ApiResult {
     s.caller(&headers)?;
     Ok(Json(json!(s.shared.fleet.view(chrono::Utc::now()))))
+}
+
+/// The host's last inventory report.
+async fn inventory(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(host): Path<String>,
+) -> ApiResult {
+    s.caller(&headers)?;
+    let known = HostName::new(&host).ok().and_then(|h| {
+        s.shared
+            .inventories
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&h)
+            .cloned()
+    });
+    known.map(Json).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no inventory from {host} since the conductor started: ask with \
+                 POST /api/hosts/{host}/inventory (`convoy inventory {host}`)"
+            ),
+        )
+    })
+}
+
+/// Sends the host an inventory command. It changes nothing on the host, so any API user
+/// may ask; the audit log says who did.
+async fn ask_inventory(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(host): Path<String>,
+) -> Result<Response, ApiError> {
+    let (user, _) = s.caller(&headers)?;
+    let v = s.ask(Request::Inventory { host }, user).await?;
+    Ok((StatusCode::ACCEPTED, Json(v)).into_response())
 }
 
 #[derive(Deserialize)]

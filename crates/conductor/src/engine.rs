@@ -20,7 +20,7 @@ use convoy_bus::{Consumer, Outgoing, Publisher, QueueSpec, Retry};
 use convoy_message::names::{HostName, Name, RefName, ReleaseId, Sha};
 use convoy_message::{
     Action, BuildEvent, BuildStatus, Command, DeployProgress, DeployResult, DeploySpec,
-    FetchReport, FetchStatus, KeyPair, Message, PushEvent, routing,
+    FetchReport, FetchStatus, InventoryReport, KeyPair, Message, PushEvent, routing,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -55,6 +55,9 @@ const MAX_TRACKED_STEPS: usize = 20_000;
 
 /// At most this many waiting results share one transaction.
 const MAX_RESULT_GROUP: usize = 256;
+/// How long an inventory command stays valid: a host whose agent is down longer than this
+/// does not answer an old question when it comes back.
+const INVENTORY_VALIDITY: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 /// What the engine, the HTTP API and the consumers share.
 pub struct Shared {
@@ -67,6 +70,9 @@ pub struct Shared {
     /// The step each command in flight reported last (memory only: what a host is doing
     /// now, for the dashboard). Dropped when the command's result arrives.
     pub steps: Mutex<Steps>,
+    /// Each host's last inventory report, as `GET /api/hosts/{host}/inventory` shows it
+    /// (memory only: asked again after a restart).
+    pub inventories: Mutex<std::collections::HashMap<HostName, Value>>,
 }
 
 /// What each command in flight is doing now, from its progress events; and the commands
@@ -89,7 +95,21 @@ impl Shared {
             metrics: Metrics::default(),
             active: Mutex::new(BTreeMap::new()),
             steps: Mutex::new(Steps::default()),
+            inventories: Mutex::new(Default::default()),
         })
+    }
+
+    /// Keeps a host's inventory report (the last one wins) and shows it live.
+    pub fn note_inventory(&self, report: &InventoryReport) {
+        let view = json!({
+            "host": report.host, "command": report.command_id, "received_at": now(),
+            "apps": report.apps, "releases": report.releases,
+        });
+        self.inventories
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(report.host.clone(), view.clone());
+        self.emit("inventory", view);
     }
 
     /// Remembers what a command in flight is doing now.
@@ -237,8 +257,18 @@ pub enum Request {
     Pause(i64),
     Resume(i64),
     Retry(i64),
-    Rollback { app: String, stage: String },
-    Promote { app: String, stage: Option<String> },
+    Rollback {
+        app: String,
+        stage: String,
+    },
+    Promote {
+        app: String,
+        stage: Option<String>,
+    },
+    /// Ask one host what each app runs and which releases it keeps.
+    Inventory {
+        host: String,
+    },
 }
 
 impl Request {
@@ -780,17 +810,19 @@ impl Engine {
             // The rollout is the one that issued the command, by this store's own record,
             // not whatever the result says: a result of another conductor's command (or of
             // one from before a restore) must not land in the rollout that has its number.
-            let rollout = match self
+            let sent = match self
                 .store
-                .command_rollout(result.command_id, result.host.as_str())
+                .command_sent(result.command_id, result.host.as_str())
             {
-                Ok(rollout) => rollout,
+                Ok(sent) => sent,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the store");
                     return false;
                 }
             };
-            if rollout.is_none() {
+            // `Some(None)`: a command of no rollout (an inventory).
+            let rollout = sent.flatten();
+            if sent.is_none() {
                 tracing::warn!(claimed_rollout = result.rollout.as_deref().unwrap_or("none"),
                     host = %result.host, command = %result.command_id,
                     "result of a command this conductor did not send to that host; kept under no rollout");
@@ -871,7 +903,48 @@ impl Engine {
             Request::Retry(id) => self.change(id, user, "retry", |r, t| r.retry(t)),
             Request::Rollback { app, stage } => self.rollback_stage(&app, &stage, user),
             Request::Promote { app, stage } => self.promote(&app, stage.as_deref(), user),
+            Request::Inventory { host } => self.inventory(&host, user),
         }
+    }
+
+    /// Sends one host a signed inventory command, stored (under no rollout) and audited
+    /// before it leaves. The agent answers with an `inventory` event and a result.
+    fn inventory(&mut self, host: &str, user: &str) -> Result<Value, RequestError> {
+        let host = HostName::new(host)
+            .map_err(|e| RequestError::Invalid(format!("host name {host:?}: {e}")))?;
+        let configured = self.shared.config.apps.values().any(|app| {
+            app.stages
+                .iter()
+                .any(|st| st.hosts.iter().any(|h| h == host.as_str()))
+        });
+        if !configured && self.shared.fleet.liveness_of(&host, now()).is_none() {
+            return Err(RequestError::NotFound(format!(
+                "no host named {host}: none has sent a heartbeat and no stage names it \
+                 (`convoy hosts` lists the fleet)"
+            )));
+        }
+        let t = now();
+        let command = Command {
+            id: Uuid::now_v7(),
+            host: host.clone(),
+            issued_at: t,
+            expires_at: t + INVENTORY_VALIDITY,
+            issuer: user.to_owned(),
+            rollout: None,
+            action: Action::Inventory,
+        };
+        let bytes = self
+            .key
+            .command_message("conductor", &command)
+            .encode()
+            .map_err(|e| RequestError::Internal(format!("cannot encode the command: {e}")))?;
+        self.store.write(|tx| {
+            tx.insert_command(command.id, None, host.as_str(), &bytes)?;
+            tx.audit(user, "inventory", None, None, None, host.as_str())
+        })?;
+        tracing::info!(%host, command = %command.id, by = user, "inventory asked");
+        self.send(host.clone(), bytes);
+        Ok(json!({ "host": host, "command": command.id, "expires_at": command.expires_at }))
     }
 
     fn change(

@@ -54,7 +54,7 @@ pub async fn on_event(
             return Disposition::Ack;
         }
         Body::Inventory(i) => {
-            shared.emit("inventory", json!(i));
+            shared.note_inventory(&i);
             return Disposition::Ack;
         }
         other => {

@@ -262,18 +262,17 @@ impl Store {
             .is_some())
     }
 
-    /// The rollout that issued command `id` to `host`: `None` when this store never sent
-    /// that command to that host (another conductor's, one from before a restore, or a
-    /// result claiming the wrong host).
-    pub fn command_rollout(&self, id: Uuid, host: &str) -> Result<Option<i64>> {
+    /// Whether this store sent command `id` to `host`, and for which rollout: `None` when
+    /// it never did (another conductor's command, one from before a restore, or a result
+    /// claiming the wrong host); `Some(None)` for a command of no rollout (an inventory).
+    pub fn command_sent(&self, id: Uuid, host: &str) -> Result<Option<Option<i64>>> {
         Ok(self
             .conn
             .prepare_cached("SELECT rollout FROM commands WHERE id = ?1 AND host = ?2")?
             .query_row(params![id.to_string(), host], |r| {
                 r.get::<_, Option<i64>>(0)
             })
-            .optional()?
-            .flatten())
+            .optional()?)
     }
 
     /// The stored message of a command, to send again.

@@ -354,18 +354,7 @@ async fn a_stage_rolls_back_to_its_previous_release_and_tail_shows_it_live() -> 
         ..Setup::default()
     })
     .await?;
-    fleet.start_with("v1").await?;
-    let first = fleet.deploy("v1", "prod", json!({ "batches": [3] }))?;
-    let first = fleet
-        .wait_state(first, &["succeeded"], Duration::from_secs(60))
-        .await?;
-    let v1 = first["release"].as_str().unwrap_or_default().to_owned();
-    fleet.release("v2")?;
-    fleet.wait_ref("v2").await?;
-    let second = fleet.deploy("v2", "prod", json!({ "batches": [3] }))?;
-    fleet
-        .wait_state(second, &["succeeded"], Duration::from_secs(60))
-        .await?;
+    let (v1, _) = v1_then_v2(&mut fleet).await?;
 
     // `convoy tail` follows the live stream while the stage rolls back.
     let bin = convoy_testkit::workspace_bin("convoy", "convoy");
@@ -492,4 +481,114 @@ async fn a_result_for_an_unknown_rollout_stays_out_of_the_rollout_that_has_its_n
         );
     }
     Ok(())
+}
+
+/// `convoy inventory HOST` asks a real agent by a signed command and prints its answer:
+/// what each app runs and every release it keeps. The command is the conductor's own (no
+/// warning about an unknown result), audited, and any API user may ask; a host nobody
+/// knows is refused with the way to list the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_asks_a_host_what_it_runs_and_keeps() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new(Setup {
+        hosts: 2,
+        ..Setup::default()
+    })
+    .await?;
+    let (v1, v2) = v1_then_v2(&mut fleet).await?;
+    let host = fleet.hosts[1].name.clone();
+
+    let out = fleet.cli(&["inventory", &host]).await?;
+    assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(&host), "{table}");
+    let web = table
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("no row for the app: {table}"));
+    assert!(
+        web.contains(&format!("{v2} ")) && web.contains(&v1),
+        "current {v2}, previous and on disk {v1}: {web}"
+    );
+
+    let out = fleet.cli(&["inventory", &host, "--json"]).await?;
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["host"], host.as_str());
+    assert_eq!(report["apps"]["web"]["current"], v2.as_str());
+    assert_eq!(report["apps"]["web"]["previous"], v1.as_str());
+    assert_eq!(report["releases"]["web"], json!([v1, v2]));
+    assert_eq!(
+        fleet.get(&format!("/api/hosts/{host}/inventory"))?["command"],
+        report["command"],
+        "the API keeps the last answer"
+    );
+
+    // A viewer may ask too; it changes nothing on the host.
+    let (status, asked) = fleet.post_as(
+        common::VIEWER_TOKEN,
+        &format!("/api/hosts/{}/inventory", fleet.hosts[0].name),
+        &json!({}),
+    )?;
+    assert_eq!(status, 202, "{asked}");
+    let audit = fleet.get("/api/audit")?;
+    let asks: Vec<_> = audit
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["action"] == "inventory")
+        .map(|a| {
+            (
+                a["actor"].as_str().unwrap_or(""),
+                a["detail"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(asks.contains(&("deployer", host.as_str())), "{audit}");
+    assert!(
+        asks.contains(&("viewer", fleet.hosts[0].name.as_str())),
+        "{audit}"
+    );
+
+    let out = fleet.cli(&["inventory", "nobody-here"]).await?;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        text(&out).contains("no host named nobody-here") && text(&out).contains("convoy hosts"),
+        "{}",
+        text(&out)
+    );
+    let (status, _) = fleet.post_as(
+        common::DEPLOYER_TOKEN,
+        "/api/hosts/..%2Fetc/inventory",
+        &json!({}),
+    )?;
+    assert_eq!(status, 422, "a bad host name is refused");
+
+    // Both agents' results for the inventories are the conductor's own commands.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !fleet.conductor_log().contains("did not send"),
+        "{}",
+        fleet.conductor_log()
+    );
+    Ok(())
+}
+
+/// Starts the fleet on `v1`, rolls `v1` then `v2` out to every host of `prod` in one batch
+/// each; the two release ids.
+async fn v1_then_v2(fleet: &mut Fleet) -> anyhow::Result<(String, String)> {
+    fleet.start_with("v1").await?;
+    let all = json!({ "batches": [fleet.hosts.len()] });
+    let mut releases = Vec::new();
+    for tag in ["v1", "v2"] {
+        if tag != "v1" {
+            fleet.release(tag)?;
+            fleet.wait_ref(tag).await?;
+        }
+        let id = fleet.deploy(tag, "prod", all.clone())?;
+        let done = fleet
+            .wait_state(id, &["succeeded"], Duration::from_secs(60))
+            .await?;
+        releases.push(done["release"].as_str().unwrap_or_default().to_owned());
+    }
+    Ok((releases[0].clone(), releases[1].clone()))
 }
