@@ -327,7 +327,18 @@ pub struct Engine {
     pipelines: BTreeMap<i64, Pipeline>,
     inputs: mpsc::Sender<Input>,
     cancel: CancellationToken,
+    /// Started paused (after a restore): nothing the store shows unfinished goes on, and no
+    /// rollout the conductor would start by itself (queued, a pipeline's next stage)
+    /// dispatches, until an operator resumes one.
+    held: bool,
+    /// The one-shot `<state_dir>/start-paused` file that asked for it, removed once the
+    /// unfinished rollouts are paused on disk.
+    held_marker: Option<std::path::PathBuf>,
 }
+
+/// Why a rollout is paused when the conductor started paused.
+const HELD: &str = "the conductor started paused (after a restore?): check `convoy status` and \
+    `convoy hosts`, then `convoy resume ID` or `convoy abort ID`";
 
 fn now() -> DateTime<Utc> {
     Utc::now()
@@ -352,7 +363,16 @@ impl Engine {
             pipelines: BTreeMap::new(),
             inputs,
             cancel,
+            held: false,
+            held_marker: None,
         }
+    }
+
+    /// Starts paused: see [`Engine::held`]. `marker` is removed once that is on disk.
+    pub fn start_paused(mut self, marker: Option<std::path::PathBuf>) -> Self {
+        self.held = true;
+        self.held_marker = marker;
+        self
     }
 
     fn config(&self) -> &Config {
@@ -362,14 +382,46 @@ impl Engine {
     /// Loads what was unfinished, sends again every command still waiting for its result,
     /// restarts running gates, then handles inputs until cancelled.
     pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) -> Result<(), StoreError> {
-        for r in self.store.unfinished_rollouts()? {
-            let resend = r.in_flight();
-            tracing::info!(rollout = r.id, app = %r.app, stage = %r.stage, state = r.state.as_str(),
-                in_flight = resend.len(), "resuming rollout");
+        for mut r in self.store.unfinished_rollouts()? {
             let id = r.id;
+            if self.held && r.state == RolloutState::Running {
+                // Nothing is sent, not even the commands in flight: `resume` sends those again.
+                let t = now();
+                if r.pause(t).is_ok() {
+                    self.store.write(|tx| {
+                        tx.save_rollout(&r)?;
+                        tx.audit(
+                            "conductor",
+                            "pause",
+                            Some(r.app.as_str()),
+                            Some(&r.stage),
+                            Some(id),
+                            HELD,
+                        )
+                    })?;
+                }
+                tracing::warn!(rollout = id, app = %r.app, stage = %r.stage, "rollout paused: {HELD}");
+                self.rollouts.insert(id, r);
+                self.publish_summary(id);
+                continue;
+            }
+            let resend = r.in_flight();
+            tracing::info!(rollout = id, app = %r.app, stage = %r.stage, state = r.state.as_str(),
+                in_flight = resend.len(), "resuming rollout");
             self.rollouts.insert(id, r);
             self.publish_summary(id);
             self.send_all(id, &resend);
+        }
+        if self.held {
+            tracing::warn!(
+                "started paused: no rollout goes on and none starts by itself until an operator resumes one"
+            );
+            if let Some(marker) = self.held_marker.take()
+                && let Err(e) = std::fs::remove_file(&marker)
+            {
+                tracing::warn!(error = %e, path = %marker.display(),
+                    "cannot remove the start-paused file; the next start will be paused too");
+            }
         }
         for p in self.store.unfinished_pipelines()? {
             let id = p.id;
@@ -752,8 +804,26 @@ impl Engine {
         if let Some(id) = next
             && let Some(r) = self.rollouts.get_mut(&id)
         {
-            r.state = RolloutState::Running;
             r.updated_at = now();
+            if self.held {
+                r.state = RolloutState::Paused;
+                tracing::warn!(
+                    rollout = id,
+                    "queued rollout takes the stage, paused: {HELD}"
+                );
+                let _ = self.commit(id, Vec::new(), |tx| {
+                    tx.audit(
+                        "conductor",
+                        "pause",
+                        Some(app.as_str()),
+                        Some(stage),
+                        Some(id),
+                        HELD,
+                    )
+                });
+                return;
+            }
+            r.state = RolloutState::Running;
             tracing::info!(rollout = id, "queued rollout starts");
             let dispatches = r.tick(now());
             let _ = self.commit(id, dispatches, |_| Ok(()));
@@ -896,10 +966,25 @@ impl Engine {
             Request::Pause(id) => {
                 self.change(id, user, "pause", |r, t| r.pause(t).map(|()| Vec::new()))
             }
-            Request::Resume(id) => self.change(id, user, "resume", |r, t| {
-                r.resume(t)?;
-                Ok(r.tick(t))
-            }),
+            Request::Resume(id) => {
+                let v = self.change(id, user, "resume", |r, t| {
+                    r.resume(t)?;
+                    Ok(r.tick(t))
+                })?;
+                // Commands in flight when it was paused go again (same ids: an agent that
+                // ran one answers from its journal); after a paused start none was sent.
+                if let Some(r) = self.rollouts.get(&id) {
+                    let in_flight = r.in_flight();
+                    self.send_all(id, &in_flight);
+                }
+                if std::mem::take(&mut self.held) {
+                    tracing::warn!(
+                        by = user,
+                        "an operator resumed a rollout: the conductor is no longer held"
+                    );
+                }
+                Ok(v)
+            }
             Request::Retry(id) => self.change(id, user, "retry", |r, t| r.retry(t)),
             Request::Rollback { app, stage } => self.rollback_stage(&app, &stage, user),
             Request::Promote { app, stage } => self.promote(&app, stage.as_deref(), user),
@@ -1116,7 +1201,7 @@ impl Engine {
                     RequestError::Conflict(format!("pipeline {pid}: {reason}"))
                 })?
         } else {
-            self.create_rollout(spec, hosts, &app, user, |_, _| Ok(()))?
+            self.create_rollout(spec, hosts, &app, user, false, |_, _| Ok(()))?
         };
         let r = self.rollouts.get(&id).cloned().or(self.store.rollout(id)?);
         let mut out = r.as_ref().map(rollout_json).unwrap_or(json!({ "id": id }));
@@ -1126,12 +1211,15 @@ impl Engine {
 
     /// Creates, stores and starts (or queues) a rollout; `extra` runs in the same
     /// transaction with the new id.
+    /// A new rollout, stored and audited; it dispatches its first batch at once unless it
+    /// queues behind another, or `hold` (one the conductor starts by itself while held).
     fn create_rollout(
         &mut self,
         spec: RolloutSpec,
         hosts: Vec<HostName>,
         app: &AppConfig,
         user: &str,
+        hold: bool,
         extra: impl FnOnce(&Tx<'_>, i64) -> Result<(), StoreError>,
     ) -> Result<i64, RequestError> {
         let t = now();
@@ -1142,6 +1230,10 @@ impl Engine {
                 Concurrency::Queue => r.state = RolloutState::Queued,
                 Concurrency::Supersede => superseded = Some(active),
             }
+        }
+        if hold && r.state == RolloutState::Running {
+            r.state = RolloutState::Paused;
+            tracing::warn!(app = %r.app, stage = %r.stage, "a pipeline's rollout starts paused: {HELD}");
         }
         let detail = format!(
             "{} {} to {} ({} hosts, batches {})",
@@ -1225,7 +1317,7 @@ impl Engine {
         // A rollback does not wait behind the rollout it undoes.
         let mut app = app;
         app.concurrency = Concurrency::Supersede;
-        let id = self.create_rollout(spec, hosts, &app, user, |_, _| Ok(()))?;
+        let id = self.create_rollout(spec, hosts, &app, user, false, |_, _| Ok(()))?;
         let r = self.rollouts.get(&id).cloned().or(self.store.rollout(id)?);
         Ok(r.as_ref().map(rollout_json).unwrap_or(json!({ "id": id })))
     }
@@ -1372,6 +1464,8 @@ impl Engine {
                 return None;
             }
         };
+        // Held: only a person (a promote) moves a pipeline on.
+        let hold = self.held && by.is_none();
         let by = by.map_or_else(|| format!("pipeline {pid}"), str::to_owned);
         let spec = RolloutSpec {
             app: p.app.clone(),
@@ -1395,7 +1489,7 @@ impl Engine {
         updated.stage = idx;
         updated.state = PipelineState::Deploying;
         updated.updated_at = now();
-        let result = self.create_rollout(spec, hosts, &app, &by, |tx, rid| {
+        let result = self.create_rollout(spec, hosts, &app, &by, hold, |tx, rid| {
             updated.rollouts.push(rid);
             tx.save_pipeline(&updated)
         });

@@ -28,6 +28,12 @@ struct Cli {
     /// Check the configuration (the file and the signing key) and exit: 0 valid, 78 not.
     #[arg(long)]
     check_config: bool,
+    /// Start with every rollout the store shows running paused, and start no rollout by
+    /// itself (queued, a pipeline's next stage) until an operator resumes one: for the
+    /// first start after restoring a backup. A file `<state_dir>/start-paused` does the
+    /// same once (the conductor removes it), for a start by systemd.
+    #[arg(long)]
+    start_paused: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -94,7 +100,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, key)) {
+    match runtime.block_on(run(config, key, cli.start_paused)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -198,7 +204,7 @@ fn checkpoints(store: Store, stop: tokio_util::sync::CancellationToken) {
     }
 }
 
-async fn run(config: Config, key: KeyPair) -> anyhow::Result<()> {
+async fn run(config: Config, key: KeyPair, start_paused: bool) -> anyhow::Result<()> {
     let life = Lifecycle::start()?;
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
@@ -243,7 +249,7 @@ async fn run(config: Config, key: KeyPair) -> anyhow::Result<()> {
     }
 
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         shared.clone(),
         store,
         key,
@@ -251,6 +257,12 @@ async fn run(config: Config, key: KeyPair) -> anyhow::Result<()> {
         tx.clone(),
         life.token(),
     );
+    let marker = config.state_dir.join("start-paused");
+    if marker.exists() {
+        engine = engine.start_paused(Some(marker));
+    } else if start_paused {
+        engine = engine.start_paused(None);
+    }
     let mut engine_task = tokio::spawn(engine.run(rx));
 
     let api = Arc::new(ApiState::new(shared.clone(), tx.clone(), reader));
