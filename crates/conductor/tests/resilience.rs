@@ -32,8 +32,9 @@ fn assert_each_host_ran_once(fleet: &Fleet, release: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_conductor_killed_mid_rollout_resumes_and_deploys_no_host_twice() -> anyhow::Result<()> {
+/// Six hosts rolling `v1` out in batches of two, the conductor SIGKILLed while the second
+/// batch is in its build hooks: the fleet, the rollout and its release.
+async fn killed_in_the_second_batch() -> anyhow::Result<(Fleet, i64, String)> {
     let mut fleet = Fleet::new(Setup {
         hosts: 6,
         build_sleep: 0.6,
@@ -44,10 +45,15 @@ async fn a_conductor_killed_mid_rollout_resumes_and_deploys_no_host_twice() -> a
     let id = fleet.deploy("v1", "prod", json!({ "batches": 2 }))?;
     let r = fleet.wait_partway(id, 2).await?;
     let release = r["release"].as_str().unwrap_or_default().to_owned();
-    // SIGKILL while the second batch is in its build hooks.
     if let Some(c) = fleet.conductor.as_mut() {
         c.kill9();
     }
+    Ok((fleet, id, release))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conductor_killed_mid_rollout_resumes_and_deploys_no_host_twice() -> anyhow::Result<()> {
+    let (mut fleet, id, release) = killed_in_the_second_batch().await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     fleet.start_conductor().await?;
     let r = fleet
@@ -70,19 +76,7 @@ async fn a_conductor_killed_mid_rollout_resumes_and_deploys_no_host_twice() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conductor_started_paused_holds_the_rollout_until_an_operator_resumes_it()
 -> anyhow::Result<()> {
-    let mut fleet = Fleet::new(Setup {
-        hosts: 6,
-        build_sleep: 0.6,
-        ..Setup::default()
-    })
-    .await?;
-    fleet.start_with("v1").await?;
-    let id = fleet.deploy("v1", "prod", json!({ "batches": 2 }))?;
-    let r = fleet.wait_partway(id, 2).await?;
-    let release = r["release"].as_str().unwrap_or_default().to_owned();
-    if let Some(c) = fleet.conductor.as_mut() {
-        c.kill9();
-    }
+    let (mut fleet, id, release) = killed_in_the_second_batch().await?;
     let marker = fleet.path().join("conductor").join("start-paused");
     std::fs::write(&marker, "")?;
     fleet.start_conductor().await?;
@@ -109,17 +103,13 @@ async fn a_conductor_started_paused_holds_the_rollout_until_an_operator_resumes_
         .count();
     assert_eq!(pending, 2, "the last batch must wait: {}", r["summary"]);
     let audit = fleet.get("/api/audit")?;
-    assert!(
-        audit
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|a| a["actor"] == "conductor"
-                && a["action"] == "pause"
-                && a["rollout"] == id
-                && a["detail"].as_str().unwrap_or("").contains("convoy resume")),
-        "{audit}"
-    );
+    let held = |a: &serde_json::Value| {
+        a["actor"] == "conductor"
+            && a["action"] == "pause"
+            && a["rollout"] == id
+            && a["detail"].as_str().unwrap_or("").contains("convoy resume")
+    };
+    assert!(audit.as_array().into_iter().flatten().any(held), "{audit}");
 
     let out = fleet.cli(&["resume", &id.to_string()]).await?;
     assert!(out.status.success(), "{}", common::text(&out));
