@@ -14,8 +14,8 @@
 //! with other bytes is a replay; an entry without a result after a restart is recovered.
 
 use chrono::{DateTime, Utc};
+use convoy_message::StepReport;
 use convoy_message::names::ReleaseId;
-use convoy_message::{Message, StepReport};
 use convoy_release::{LayoutError, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -220,10 +220,14 @@ impl Entry {
         self.dir.join("result")
     }
 
-    /// The recorded result, if the command finished and its result was saved whole.
+    /// The recorded result, if the command finished and its result was saved whole. Whole
+    /// means well-formed JSON (a torn save never is), not "decodes with this build": a
+    /// result an older agent recorded is still a result, answered as it was.
     pub fn result(&self) -> Option<Vec<u8>> {
         let bytes = fs::read(self.result_path()).ok()?;
-        Message::decode(&bytes).is_ok().then_some(bytes)
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            .is_ok()
+            .then_some(bytes)
     }
 
     /// Saves the result durably before it is published: one write and one fdatasync into
@@ -265,6 +269,7 @@ pub fn boot_id() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use convoy_message::Message;
 
     #[test]
     fn same_bytes_are_known_other_bytes_are_a_replay() {

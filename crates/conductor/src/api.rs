@@ -277,7 +277,7 @@ async fn inventory(
             .inventories
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&h)
+            .answer(&h)
             .cloned()
     });
     known.map(Json).ok_or_else(|| {

@@ -70,9 +70,31 @@ pub struct Shared {
     /// The step each command in flight reported last (memory only: what a host is doing
     /// now, for the dashboard). Dropped when the command's result arrives.
     pub steps: Mutex<Steps>,
-    /// Each host's last inventory report, as `GET /api/hosts/{host}/inventory` shows it
-    /// (memory only: asked again after a restart).
-    pub inventories: Mutex<std::collections::HashMap<HostName, Value>>,
+    /// Inventories asked and answered (memory only: asked again after a restart).
+    pub inventories: Mutex<Inventories>,
+}
+
+/// Each host's pending inventory question and its last answer. Only answers to a question
+/// this conductor asked are kept, so both maps are bounded by the hosts operators asked.
+#[derive(Default)]
+pub struct Inventories {
+    asked: std::collections::HashMap<HostName, (Uuid, DateTime<Utc>)>,
+    answers: std::collections::HashMap<HostName, Value>,
+}
+
+impl Inventories {
+    /// The host's last answer, as `GET /api/hosts/{host}/inventory` shows it.
+    pub fn answer(&self, host: &HostName) -> Option<&Value> {
+        self.answers.get(host)
+    }
+
+    /// The command still waiting for the host's answer, while it is valid.
+    fn pending(&self, host: &HostName, now: DateTime<Utc>) -> Option<(Uuid, DateTime<Utc>)> {
+        self.asked
+            .get(host)
+            .copied()
+            .filter(|(_, expires)| now < *expires)
+    }
 }
 
 /// What each command in flight is doing now, from its progress events; and the commands
@@ -99,16 +121,23 @@ impl Shared {
         })
     }
 
-    /// Keeps a host's inventory report (the last one wins) and shows it live.
+    /// Keeps a host's answer to the inventory this conductor asked it (the last one wins)
+    /// and shows it live; any other report is ignored.
     pub fn note_inventory(&self, report: &InventoryReport) {
         let view = json!({
             "host": report.host, "command": report.command_id, "received_at": now(),
             "apps": report.apps, "releases": report.releases,
         });
-        self.inventories
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(report.host.clone(), view.clone());
+        {
+            let mut inv = self.inventories.lock().unwrap_or_else(|e| e.into_inner());
+            if inv.asked.get(&report.host).map(|(id, _)| *id) != Some(report.command_id) {
+                tracing::info!(host = %report.host, command = %report.command_id,
+                    "an inventory report this conductor did not ask for (or asked before a restart); ignored");
+                return;
+            }
+            inv.asked.remove(&report.host);
+            inv.answers.insert(report.host.clone(), view.clone());
+        }
         self.emit("inventory", view);
     }
 
@@ -327,12 +356,15 @@ pub struct Engine {
     pipelines: BTreeMap<i64, Pipeline>,
     inputs: mpsc::Sender<Input>,
     cancel: CancellationToken,
-    /// Started paused (after a restore): nothing the store shows unfinished goes on, and no
-    /// rollout the conductor would start by itself (queued, a pipeline's next stage)
-    /// dispatches, until an operator resumes one.
+    /// Started paused (after a restore): no rollout the conductor would start by itself
+    /// (queued, a pipeline's next stage) dispatches, until an operator resumes one.
     held: bool,
-    /// The one-shot `<state_dir>/start-paused` file that asked for it, removed once the
-    /// unfinished rollouts are paused on disk.
+    /// The rollouts the store showed unfinished at a paused start: neither ticked (no
+    /// deadline fails a host, no budget halts) nor sent to, each until an operator resumes
+    /// (or retries, or aborts) it.
+    held_rollouts: HashSet<i64>,
+    /// The `<state_dir>/start-paused` file that asked for it, removed at the first resume:
+    /// until then every restart is paused too.
     held_marker: Option<std::path::PathBuf>,
 }
 
@@ -364,11 +396,12 @@ impl Engine {
             inputs,
             cancel,
             held: false,
+            held_rollouts: HashSet::new(),
             held_marker: None,
         }
     }
 
-    /// Starts paused: see [`Engine::held`]. `marker` is removed once that is on disk.
+    /// Starts paused: see [`Engine::held`]. `marker` is removed at the first resume.
     pub fn start_paused(mut self, marker: Option<std::path::PathBuf>) -> Self {
         self.held = true;
         self.held_marker = marker;
@@ -384,10 +417,11 @@ impl Engine {
     pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) -> Result<(), StoreError> {
         for mut r in self.store.unfinished_rollouts()? {
             let id = r.id;
-            if self.held && r.state == RolloutState::Running {
+            if self.held {
                 // Nothing is sent, not even the commands in flight: `resume` sends those again.
+                self.held_rollouts.insert(id);
                 let t = now();
-                if r.pause(t).is_ok() {
+                if r.state == RolloutState::Running && r.pause(t).is_ok() {
                     self.store.write(|tx| {
                         tx.save_rollout(&r)?;
                         tx.audit(
@@ -400,7 +434,8 @@ impl Engine {
                         )
                     })?;
                 }
-                tracing::warn!(rollout = id, app = %r.app, stage = %r.stage, "rollout paused: {HELD}");
+                tracing::warn!(rollout = id, app = %r.app, stage = %r.stage, state = r.state.as_str(),
+                    "rollout held: {HELD}");
                 self.rollouts.insert(id, r);
                 self.publish_summary(id);
                 continue;
@@ -416,12 +451,6 @@ impl Engine {
             tracing::warn!(
                 "started paused: no rollout goes on and none starts by itself until an operator resumes one"
             );
-            if let Some(marker) = self.held_marker.take()
-                && let Err(e) = std::fs::remove_file(&marker)
-            {
-                tracing::warn!(error = %e, path = %marker.display(),
-                    "cannot remove the start-paused file; the next start will be paused too");
-            }
         }
         for p in self.store.unfinished_pipelines()? {
             let id = p.id;
@@ -581,6 +610,9 @@ impl Engine {
 
     /// Ticks rollout `id` and persists and sends whatever changed.
     fn tick(&mut self, id: i64) {
+        if self.held_rollouts.contains(&id) {
+            return;
+        }
         let Some(r) = self.rollouts.get_mut(&id) else {
             return;
         };
@@ -805,6 +837,8 @@ impl Engine {
             && let Some(r) = self.rollouts.get_mut(&id)
         {
             r.updated_at = now();
+            // From here on it is ticked like any other (paused while the conductor is held).
+            self.held_rollouts.remove(&id);
             if self.held {
                 r.state = RolloutState::Paused;
                 tracing::warn!(
@@ -938,9 +972,21 @@ impl Engine {
                 None => {}
             }
         }
+        let held = &self.held_rollouts;
         let changes: Vec<(i64, Vec<Dispatch>)> = touched
             .into_iter()
-            .filter_map(|id| self.rollouts.get_mut(&id).map(|r| (id, r.tick(t))))
+            .filter_map(|id| {
+                let r = self.rollouts.get_mut(&id)?;
+                // A held rollout records its results; it moves on when resumed.
+                Some((
+                    id,
+                    if held.contains(&id) {
+                        Vec::new()
+                    } else {
+                        r.tick(t)
+                    },
+                ))
+            })
             .collect();
         self.commit_many(changes, |tx| {
             for (rollout, result) in &rows {
@@ -967,28 +1013,62 @@ impl Engine {
                 self.change(id, user, "pause", |r, t| r.pause(t).map(|()| Vec::new()))
             }
             Request::Resume(id) => {
+                let held = self.held_rollouts.remove(&id);
                 let v = self.change(id, user, "resume", |r, t| {
-                    r.resume(t)?;
-                    Ok(r.tick(t))
-                })?;
-                // Commands in flight when it was paused go again (same ids: an agent that
-                // ran one answers from its journal); after a paused start none was sent.
-                if let Some(r) = self.rollouts.get(&id) {
-                    let in_flight = r.in_flight();
-                    self.send_all(id, &in_flight);
+                    if !held {
+                        r.resume(t)?;
+                        return Ok(r.tick(t));
+                    }
+                    // Held since a paused start: paused, halted or rolling back, with
+                    // nothing sent since; its waiting hosts get their commands again.
+                    if r.state == RolloutState::Paused {
+                        r.resume(t)?;
+                    }
+                    let mut out = r.rearm(t);
+                    out.extend(r.tick(t));
+                    Ok(out)
+                });
+                if v.is_err() && held {
+                    self.held_rollouts.insert(id);
                 }
-                if std::mem::take(&mut self.held) {
-                    tracing::warn!(
-                        by = user,
-                        "an operator resumed a rollout: the conductor is no longer held"
-                    );
-                }
+                let v = v?;
+                self.release_hold(user);
                 Ok(v)
             }
-            Request::Retry(id) => self.change(id, user, "retry", |r, t| r.retry(t)),
+            Request::Retry(id) => {
+                let held = self.held_rollouts.remove(&id);
+                let v = self.change(id, user, "retry", |r, t| {
+                    let mut out = if held { r.rearm(t) } else { Vec::new() };
+                    out.extend(r.retry(t)?);
+                    Ok(out)
+                });
+                if v.is_err() && held {
+                    self.held_rollouts.insert(id);
+                }
+                v
+            }
             Request::Rollback { app, stage } => self.rollback_stage(&app, &stage, user),
             Request::Promote { app, stage } => self.promote(&app, stage.as_deref(), user),
             Request::Inventory { host } => self.inventory(&host, user),
+        }
+    }
+
+    /// The first resume after a paused start: the conductor starts rollouts by itself again,
+    /// and the start-paused file goes (later restarts are ordinary ones).
+    fn release_hold(&mut self, user: &str) {
+        if !std::mem::take(&mut self.held) {
+            return;
+        }
+        tracing::warn!(
+            by = user,
+            "an operator resumed a rollout: the conductor is no longer held"
+        );
+        if let Some(marker) = self.held_marker.take()
+            && let Err(e) = std::fs::remove_file(&marker)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %e, path = %marker.display(),
+                "cannot remove the start-paused file; the next start will be paused too");
         }
     }
 
@@ -1009,6 +1089,16 @@ impl Engine {
             )));
         }
         let t = now();
+        let pending = self
+            .shared
+            .inventories
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pending(&host, t);
+        if let Some((command, expires_at)) = pending {
+            // Asked already and not yet answered: the same question, not another command.
+            return Ok(json!({ "host": host, "command": command, "expires_at": expires_at }));
+        }
         let command = Command {
             id: Uuid::now_v7(),
             host: host.clone(),
@@ -1028,6 +1118,12 @@ impl Engine {
             tx.audit(user, "inventory", None, None, None, host.as_str())
         })?;
         tracing::info!(%host, command = %command.id, by = user, "inventory asked");
+        self.shared
+            .inventories
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .asked
+            .insert(host.clone(), (command.id, command.expires_at));
         self.send(host.clone(), bytes);
         Ok(json!({ "host": host, "command": command.id, "expires_at": command.expires_at }))
     }
@@ -1227,6 +1323,10 @@ impl Engine {
         let mut superseded = None;
         if let Some(active) = self.active_on(&r.app, &r.stage) {
             match app.concurrency {
+                // Held, it waits rather than end one an operator has yet to look at.
+                Concurrency::Queue | Concurrency::Supersede if hold => {
+                    r.state = RolloutState::Queued
+                }
                 Concurrency::Queue => r.state = RolloutState::Queued,
                 Concurrency::Supersede => superseded = Some(active),
             }

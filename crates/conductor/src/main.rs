@@ -28,10 +28,11 @@ struct Cli {
     /// Check the configuration (the file and the signing key) and exit: 0 valid, 78 not.
     #[arg(long)]
     check_config: bool,
-    /// Start with every rollout the store shows running paused, and start no rollout by
-    /// itself (queued, a pipeline's next stage) until an operator resumes one: for the
-    /// first start after restoring a backup. A file `<state_dir>/start-paused` does the
-    /// same once (the conductor removes it), for a start by systemd.
+    /// Hold every rollout the store shows unfinished (paused, nothing sent, no deadline
+    /// checked) and start no rollout by itself (queued, a pipeline's next stage) until an
+    /// operator resumes one: for the first start after restoring a backup. A file
+    /// `<state_dir>/start-paused` does the same, for starts by systemd, until the first
+    /// resume removes it.
     #[arg(long)]
     start_paused: bool,
     #[command(subcommand)]

@@ -187,6 +187,18 @@ pub struct Dispatch {
     pub resend: bool,
 }
 
+impl Dispatch {
+    /// A stored command sent again (the same id and bytes).
+    fn again(host: usize, command: Uuid, undo: bool) -> Self {
+        Self {
+            host,
+            command,
+            undo,
+            resend: true,
+        }
+    }
+}
+
 /// What an agent's result says, reduced to what the rollout needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostReport {
@@ -547,22 +559,12 @@ impl Rollout {
             if h.state == HostState::Sent
                 && let Some(id) = h.command
             {
-                out.push(Dispatch {
-                    host: i,
-                    command: id,
-                    undo: false,
-                    resend: true,
-                });
+                out.push(Dispatch::again(i, id, false));
             }
             if let Some(u) = &h.undo
                 && u.state == HostState::Sent
             {
-                out.push(Dispatch {
-                    host: i,
-                    command: u.command,
-                    undo: true,
-                    resend: true,
-                });
+                out.push(Dispatch::again(i, u.command, true));
             }
         }
         out
@@ -638,12 +640,7 @@ impl Rollout {
                         h.state = HostState::Sent;
                         h.deadline_at = Some(now + deadline);
                         h.error = None;
-                        out.push(Dispatch {
-                            host: i,
-                            command: id,
-                            undo: false,
-                            resend: true,
-                        });
+                        out.push(Dispatch::again(i, id, false));
                     }
                     _ => h.state = HostState::Pending,
                 },
@@ -656,6 +653,39 @@ impl Rollout {
         self.updated_at = now;
         out.extend(self.tick(now));
         Ok(out)
+    }
+
+    /// Lets a rollout go on that the conductor held (started paused after a restore, with
+    /// nothing sent): each host still waiting for its result gets its command again, with a
+    /// fresh deadline, while that command is valid; a host whose command expired meanwhile
+    /// is planned anew. Likewise for hosts being put back (an expired undo times out).
+    pub fn rearm(&mut self, now: DateTime<Utc>) -> Vec<Dispatch> {
+        let deadline = self.deadline();
+        let mut out = Vec::new();
+        for (i, h) in self.hosts.iter_mut().enumerate() {
+            if h.state == HostState::Sent {
+                match (h.command, h.expires_at) {
+                    (Some(id), Some(exp)) if now < exp => {
+                        h.deadline_at = Some(now + deadline);
+                        out.push(Dispatch::again(i, id, false));
+                    }
+                    _ => h.state = HostState::Pending,
+                }
+            }
+            if let Some(u) = &mut h.undo
+                && u.state == HostState::Sent
+            {
+                if now < u.expires_at {
+                    u.deadline_at = now + deadline;
+                    out.push(Dispatch::again(i, u.command, true));
+                } else {
+                    u.state = HostState::TimedOut;
+                    u.error = Some("its command expired while the conductor was held".into());
+                }
+            }
+        }
+        self.updated_at = now;
+        out
     }
 
     /// The earliest time `tick` has something to do without any new result.

@@ -71,8 +71,8 @@ async fn a_conductor_killed_mid_rollout_resumes_and_deploys_no_host_twice() -> a
 
 /// After a restore an operator starts the conductor paused (`<state_dir>/start-paused`):
 /// the rollout the store shows running is paused on disk, the batch in flight is recorded
-/// as it reports, no new batch starts until `convoy resume`, and then it finishes with no
-/// host deployed twice. The file is one-shot.
+/// as it reports, no new batch starts until `convoy resume` — not across a restart either —
+/// and then it finishes with no host deployed twice. The first resume removes the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conductor_started_paused_holds_the_rollout_until_an_operator_resumes_it()
 -> anyhow::Result<()> {
@@ -83,7 +83,18 @@ async fn a_conductor_started_paused_holds_the_rollout_until_an_operator_resumes_
     fleet
         .wait_state(id, &["paused"], Duration::from_secs(10))
         .await?;
-    assert!(!marker.exists(), "the start-paused file is one-shot");
+    // A restart before anyone looked is paused again.
+    if let Some(c) = fleet.conductor.as_mut() {
+        c.kill9();
+    }
+    fleet.start_conductor().await?;
+    fleet
+        .wait_state(id, &["paused"], Duration::from_secs(10))
+        .await?;
+    assert!(
+        marker.exists(),
+        "the start-paused file stays until a resume"
+    );
     assert!(
         fleet.conductor_log().contains("started paused"),
         "{}",
@@ -116,6 +127,10 @@ async fn a_conductor_started_paused_holds_the_rollout_until_an_operator_resumes_
     let r = fleet
         .wait_state(id, &["succeeded"], Duration::from_secs(60))
         .await?;
+    assert!(
+        !marker.exists(),
+        "the first resume removes the start-paused file"
+    );
     assert_eq!(r["summary"]["counts"]["succeeded"], 6);
     assert_each_host_ran_once(&fleet, &release);
 

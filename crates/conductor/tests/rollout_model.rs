@@ -316,15 +316,7 @@ proptest! {
 #[test]
 fn a_timed_out_host_halts_and_is_never_skipped() {
     let now = Utc.with_ymd_and_hms(2026, 11, 23, 10, 0, 0).unwrap();
-    let strategy = Plan {
-        batches: BatchPlan(vec![BatchSize::Count(1)]),
-        max_failures: Budget::Count(5),
-        host_deadline_s: 60,
-        pause_s: 0,
-        on_failure: OnFailure::Halt,
-    };
-    let hosts = vec![HostName::new("a").unwrap(), HostName::new("b").unwrap()];
-    let mut r = Rollout::new(1, spec(strategy), hosts, now);
+    let mut r = hosts_a_and_b(1, 5, now);
     let sent = r.tick(now);
     assert_eq!(sent.len(), 1);
     let later = now + Duration::seconds(61);
@@ -337,4 +329,52 @@ fn a_timed_out_host_halts_and_is_never_skipped() {
     assert_eq!(again.len(), 1);
     assert!(again[0].resend);
     assert_eq!(again[0].command, sent[0].command);
+}
+
+/// A rollout the conductor held (a paused start) and then lets go: a host still waiting on
+/// a valid command gets that same command again with a fresh deadline; one whose command
+/// expired meanwhile gets a new command, never none.
+#[test]
+fn rearming_a_held_rollout_resends_valid_commands_and_replans_expired_ones() {
+    let now = Utc.with_ymd_and_hms(2026, 12, 6, 10, 0, 0).unwrap();
+    let mut r = hosts_a_and_b(2, 0, now);
+    let sent = r.tick(now);
+    assert_eq!(sent.len(), 2);
+
+    // Within the commands' life: the same two, deadlines from now.
+    let soon = now + Duration::seconds(30);
+    let again = r.rearm(soon);
+    assert_eq!(again.len(), 2);
+    assert!(again.iter().all(|d| d.resend && !d.undo));
+    assert_eq!(again[0].command, sent[0].command);
+    assert_eq!(r.hosts[0].deadline_at, Some(soon + Duration::seconds(60)));
+    assert!(r.tick(now + Duration::seconds(61)).is_empty());
+    assert_eq!(r.state, RolloutState::Running, "the new deadline holds");
+
+    // Long after: the commands expired; each host is planned again with a new command.
+    let much_later = now + Duration::seconds(3_600);
+    assert!(r.rearm(much_later).is_empty());
+    assert!(r.hosts.iter().all(|h| h.state == HostState::Pending));
+    let fresh = r.tick(much_later);
+    assert_eq!(fresh.len(), 2);
+    assert!(fresh.iter().all(|d| !d.resend));
+    assert!(
+        fresh
+            .iter()
+            .all(|d| sent.iter().all(|s| s.command != d.command))
+    );
+}
+
+/// A rollout to hosts `a` and `b` in batches of `batch`, halting past `max_failures`, with
+/// a 60 s host deadline.
+fn hosts_a_and_b(batch: u32, max_failures: u32, now: DateTime<Utc>) -> Rollout {
+    let strategy = Plan {
+        batches: BatchPlan(vec![BatchSize::Count(batch)]),
+        max_failures: Budget::Count(max_failures),
+        host_deadline_s: 60,
+        pause_s: 0,
+        on_failure: OnFailure::Halt,
+    };
+    let hosts = vec![HostName::new("a").unwrap(), HostName::new("b").unwrap()];
+    Rollout::new(1, spec(strategy), hosts, now)
 }

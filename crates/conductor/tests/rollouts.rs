@@ -523,13 +523,17 @@ async fn inventory_asks_a_host_what_it_runs_and_keeps() -> anyhow::Result<()> {
         "the API keeps the last answer"
     );
 
-    // A viewer may ask too; it changes nothing on the host.
-    let (status, asked) = fleet.post_as(
-        common::VIEWER_TOKEN,
-        &format!("/api/hosts/{}/inventory", fleet.hosts[0].name),
-        &json!({}),
-    )?;
+    // A viewer may ask too; it changes nothing on the host. While unanswered (its agent is
+    // down), asking again is the same question, not another command.
+    if let Some(a) = fleet.hosts[0].agent.as_mut() {
+        a.kill9();
+    }
+    let ask = format!("/api/hosts/{}/inventory", fleet.hosts[0].name);
+    let (status, asked) = fleet.post_as(common::VIEWER_TOKEN, &ask, &json!({}))?;
     assert_eq!(status, 202, "{asked}");
+    let (_, again) = fleet.post_as(common::DEPLOYER_TOKEN, &ask, &json!({}))?;
+    assert_eq!(again["command"], asked["command"]);
+    assert!(asked["command"].is_string(), "{asked}");
     let audit = fleet.get("/api/audit")?;
     let asks: Vec<_> = audit
         .as_array()
