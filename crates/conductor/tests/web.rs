@@ -1,8 +1,8 @@
 //! The dashboard end to end, in a real headless Chromium (Debian's `chromium`, driven by
 //! `playwright-core`): a 3-host fleet with real agents, fetchers and heartbeats; log in,
 //! deploy from the form, watch the hosts turn green live, promote through a manual gate,
-//! abort a second rollout, find both in the history; wrong password, missing CSRF token
-//! and a read-only Deploy refused. Screenshots land in `target/test-artifacts/web/`.
+//! ask a host's agent for its inventory from the host's page, abort a second rollout, find
+//! both in the history; wrong password, missing CSRF token and a read-only Deploy refused. Screenshots land in `target/test-artifacts/web/`.
 
 mod common;
 
@@ -150,6 +150,10 @@ async fn an_operator_deploys_promotes_and_aborts_in_a_real_browser() -> anyhow::
     assert_eq!(p["gates"][0]["by"], "alice", "the promoter is recorded");
     let v1 = r1["release"].as_str().unwrap_or_default();
     assert_eq!(fleet.hosts[0].current().as_deref(), Some(v1));
+    assert_eq!(
+        result["inventory_current"], v1,
+        "the host page showed what the first prod host's agent runs"
+    );
     assert_eq!(
         fleet.hosts[2].current().as_deref(),
         Some(v1),

@@ -90,7 +90,7 @@
       // EventSource retries by itself unless the server refused (e.g. logged out).
       if (source.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
     };
-    ["rollout", "progress", "result", "host", "pipeline", "build", "fetch", "lagged"].forEach(function (kind) {
+    ["rollout", "progress", "result", "host", "pipeline", "build", "fetch", "inventory", "lagged"].forEach(function (kind) {
       source.addEventListener(kind, schedule);
     });
   }

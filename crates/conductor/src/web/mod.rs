@@ -21,6 +21,7 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::{Cookie, SameSite};
+use convoy_message::names::HostName;
 use maud::Markup;
 use serde::Deserialize;
 use serde_json::Value;
@@ -68,6 +69,8 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route("/rollouts/{id}/{action}", post(act))
         .route("/apps/{app}/promote", post(promote))
         .route("/apps/{app}/stages/{stage}/rollback", post(rollback))
+        .route("/hosts/{host}", get(host_page))
+        .route("/hosts/{host}/inventory", post(ask_inventory))
         .route("/history", get(history))
         .route("/audit", get(audit))
         .route("/events", get(events))
@@ -355,6 +358,57 @@ async fn dashboard(State(s): State<Arc<WebState>>, User(u): User) -> Result<Resp
     }
     let hosts = s.api.shared.fleet.view(chrono::Utc::now());
     Ok(html(StatusCode::OK, pages::dashboard(&u, &apps, &hosts)))
+}
+
+/// One host: its heartbeat, and what its agent answered when asked for its inventory.
+async fn host_page(
+    State(s): State<Arc<WebState>>,
+    User(u): User,
+    Path(host): Path<String>,
+) -> Result<Response, WebError> {
+    let unknown = || {
+        WebError::new(
+            StatusCode::NOT_FOUND,
+            format!("No host named {host:?} has sent a heartbeat since the conductor started."),
+        )
+        .for_user(&u)
+    };
+    let name = HostName::new(&host).map_err(|_| unknown())?;
+    let view = s
+        .api
+        .shared
+        .fleet
+        .view(chrono::Utc::now())
+        .into_iter()
+        .find(|h| h.host == name);
+    let inventory = s
+        .api
+        .shared
+        .inventories
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .answer(&name)
+        .cloned();
+    if view.is_none() && inventory.is_none() {
+        return Err(unknown());
+    }
+    Ok(html(
+        StatusCode::OK,
+        pages::host(&u, &name, view.as_ref(), inventory.as_ref()),
+    ))
+}
+
+/// Asks the host's agent for its inventory; any logged-in user may (it changes nothing).
+async fn ask_inventory(
+    State(s): State<Arc<WebState>>,
+    user: User,
+    Path(host): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, WebError> {
+    user.check_csrf(f.csrf.as_deref())?;
+    let asked = user.ask(&s, Request::Inventory { host }).await?;
+    let host = asked["host"].as_str().unwrap_or_default();
+    Ok(Redirect::to(&format!("/hosts/{host}")).into_response())
 }
 
 /// What each in-flight command of `r` reported last, by command id.

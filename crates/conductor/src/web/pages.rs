@@ -9,6 +9,7 @@ use crate::store::AuditEntry;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use convoy_message::DeployResult;
+use convoy_message::names::HostName;
 use maud::{DOCTYPE, Markup, html};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -353,7 +354,7 @@ fn fleet_section(hosts: &[HostView]) -> Markup {
                             @for h in &shown {
                                 @let l = liveness_name(h.liveness);
                                 tr class={ "l-" (l) } {
-                                    td { (h.host.as_str()) }
+                                    td { a href={ "/hosts/" (h.host.as_str()) } { (h.host.as_str()) } }
                                     td { (badge(l)) }
                                     td { (when(h.last_seen)) }
                                     td { @for (k, v) in &h.labels { code { (k) "=" (v) } " " } }
@@ -369,6 +370,61 @@ fn fleet_section(hosts: &[HostView]) -> Markup {
             }
         }
     }
+}
+
+/// One host: its last heartbeat and its agent's inventory, with the button that asks for it.
+pub fn host(
+    u: &Session,
+    name: &HostName,
+    view: Option<&HostView>,
+    inventory: Option<&Value>,
+) -> Markup {
+    let host = name.as_str();
+    let body = html! {
+        h1 { "Host " code { (host) } " " @if let Some(v) = view { (badge(liveness_name(v.liveness))) } }
+        @if let Some(v) = view {
+            dl.facts {
+                dt { "last heartbeat" } dd { (when(v.last_seen)) }
+                dt { "labels" } dd { @for (k, val) in &v.labels { code { (k) "=" (val) } " " } }
+                dt { "runs" } dd { @for (app, rel) in &v.apps { (app) " " code { (rel.as_deref().unwrap_or("—")) } " " } }
+                dt { "convoy" } dd { @for (k, val) in &v.versions { (k) " " (val) " " } }
+                dt { "load" } dd { (format!("{:.2} {:.2} {:.2}", v.load[0], v.load[1], v.load[2])) }
+                dt { "disk free" } dd { (format!("{:.1} GiB", v.disk_free_bytes as f64 / (1u64 << 30) as f64)) }
+            }
+        } @else {
+            p.muted { "No heartbeat from this host since the conductor started." }
+        }
+        section #inventory aria-labelledby="inventory-h" {
+            h2 #inventory-h { "Releases on disk" }
+            @if let Some(inv) = inventory {
+                p.muted { "as its agent answered " (when_str(inv["received_at"].as_str().unwrap_or_default())) }
+                div.scroll {
+                    table.inventory {
+                        thead { tr { th { "app" } th { "current" } th { "previous (rollback target)" } th { "commit" } th { "every release kept, oldest first" } } }
+                        tbody {
+                            @for (app, a) in inv["apps"].as_object().into_iter().flatten() {
+                                tr data-app=(app) {
+                                    td { (app) }
+                                    td data-current { code { (a["current"].as_str().unwrap_or("—")) } }
+                                    td { code { (a["previous"].as_str().unwrap_or("—")) } }
+                                    td { code { (short_sha(a["commit"].as_str().unwrap_or("—"))) } }
+                                    td { @for r in inv["releases"][app.as_str()].as_array().into_iter().flatten() { code { (r.as_str().unwrap_or_default()) } " " } }
+                                }
+                            }
+                        }
+                    }
+                }
+            } @else {
+                p.muted { "Not asked since the conductor started." }
+            }
+            form.inline method="post" action={ "/hosts/" (host) "/inventory" } {
+                (csrf(u))
+                button type="submit" { "Ask its agent" }
+            }
+            p.muted { "A signed command the agent answers in a moment; it changes nothing on the host." }
+        }
+    };
+    layout(Some(u), host, "Dashboard", true, body)
 }
 
 fn liveness_name(l: Liveness) -> &'static str {

@@ -151,6 +151,21 @@ try {
   result.seen_prod = seenProd;
   await shot(page, "06-prod-green");
 
+  step = "a host's page: ask its agent what it runs and keeps";
+  await page.goto(`${url}/`);
+  await Promise.all([page.waitForNavigation(), page.click(`#fleet a[href='/hosts/${prodHosts[0]}']`)]);
+  expect(new URL(page.url()).pathname === `/hosts/${prodHosts[0]}`, `the host's page, got ${page.url()}`);
+  await Promise.all([
+    page.waitForNavigation(),
+    page.click(`form[action='/hosts/${prodHosts[0]}/inventory'] button`),
+  ]);
+  // The answer shows up by itself (live update on the `inventory` event).
+  await page.waitForSelector("table.inventory tr[data-app=web] td[data-current] code", { timeout: 30000 });
+  const current = (await page.textContent("table.inventory tr[data-app=web] td[data-current]")).trim();
+  expect(/^\d{8}-\d{6}-[0-9a-f]{7}$/.test(current), `a release id as web's current release, got ${current}`);
+  result.inventory_current = current;
+  await shot(page, "06b-host-inventory");
+
   step = "deploy v2 to prod with a long pause between batches, then abort it";
   await chooseRef(page, "web", "prod", "refs/tags/v2");
   await page.fill("#batches", "1");
@@ -195,12 +210,12 @@ try {
 
   step = "pages are small and keyboard-usable";
   const sizes = {};
-  for (const p of ["/", "/deploy", `/rollouts/${result.first_rollout}`, "/history", "/audit", "/static/app.css", "/static/app.js"]) {
+  for (const p of ["/", "/deploy", `/rollouts/${result.first_rollout}`, `/hosts/${prodHosts[0]}`, "/history", "/audit", "/static/app.css", "/static/app.js"]) {
     const r = await page.request.get(`${url}${p}`);
     sizes[p] = (await r.body()).length;
   }
   const pageWeight = (p) => sizes[p] + sizes["/static/app.css"] + sizes["/static/app.js"];
-  for (const p of ["/", "/deploy", `/rollouts/${result.first_rollout}`, "/history", "/audit"]) {
+  for (const p of ["/", "/deploy", `/rollouts/${result.first_rollout}`, `/hosts/${prodHosts[0]}`, "/history", "/audit"]) {
     expect(pageWeight(p) < 200 * 1024, `${p} with its assets under 200 KB (${pageWeight(p)} bytes)`);
   }
   result.sizes = sizes;
