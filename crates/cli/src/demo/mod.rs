@@ -449,6 +449,10 @@ fn banner(fleet: &Fleet, dir: &Path) {
         ("hosts".to_owned(), "the fleet, from heartbeats"),
         (format!("status {APP}"), "each stage's release and gate"),
         ("tail".to_owned(), "live events"),
+        (
+            "inventory web-1".to_owned(),
+            "what web-1's agent keeps on disk",
+        ),
         ("history".to_owned(), "rollouts; `history ID`: host by host"),
         (
             format!("promote {APP}"),
