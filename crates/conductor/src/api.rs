@@ -272,23 +272,30 @@ async fn inventory(
     Path(host): Path<String>,
 ) -> ApiResult {
     s.caller(&headers)?;
-    let known = HostName::new(&host).ok().and_then(|h| {
-        s.shared
-            .inventories
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .answer(&h)
-            .cloned()
-    });
-    known.map(Json).ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no inventory from {host} since the conductor started: ask with \
-                 POST /api/hosts/{host}/inventory (`convoy inventory {host}`)"
-            ),
-        )
-    })
+    let (answer, pending) = match HostName::new(&host) {
+        Ok(h) => {
+            let inv = s
+                .shared
+                .inventories
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            (inv.answer(&h).cloned(), inv.pending(&h, chrono::Utc::now()))
+        }
+        Err(_) => (None, None),
+    };
+    let why = match pending {
+        Some((command, expires_at)) => format!(
+            "{host} has not answered yet (command {command}, valid until {expires_at}): is its \
+             agent running and connected (`convoy hosts`)?"
+        ),
+        _ => format!(
+            "no inventory from {host} since the conductor started: ask with \
+             POST /api/hosts/{host}/inventory (`convoy inventory {host}`)"
+        ),
+    };
+    answer
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, why))
 }
 
 /// Sends the host an inventory command. It changes nothing on the host, so any API user

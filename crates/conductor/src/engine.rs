@@ -89,7 +89,7 @@ impl Inventories {
     }
 
     /// The command still waiting for the host's answer, while it is valid.
-    fn pending(&self, host: &HostName, now: DateTime<Utc>) -> Option<(Uuid, DateTime<Utc>)> {
+    pub fn pending(&self, host: &HostName, now: DateTime<Utc>) -> Option<(Uuid, DateTime<Utc>)> {
         self.asked
             .get(host)
             .copied()

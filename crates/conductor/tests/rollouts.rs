@@ -533,6 +533,8 @@ async fn inventory_asks_a_host_what_it_runs_and_keeps() -> anyhow::Result<()> {
     assert_eq!(status, 202, "{asked}");
     let (_, again) = fleet.post_as(common::DEPLOYER_TOKEN, &ask, &json!({}))?;
     assert_eq!(again["command"], asked["command"]);
+    let waiting = fleet.get(&ask).unwrap_err().to_string();
+    assert!(waiting.contains("has not answered yet"), "{waiting}");
     assert!(asked["command"].is_string(), "{asked}");
     let audit = fleet.get("/api/audit")?;
     let asks: Vec<_> = audit
