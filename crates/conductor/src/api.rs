@@ -293,9 +293,7 @@ async fn inventory(
              POST /api/hosts/{host}/inventory (`convoy inventory {host}`)"
         ),
     };
-    answer
-        .map(Json)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, why))
+    answer.map(Json).ok_or(ApiError(StatusCode::NOT_FOUND, why))
 }
 
 /// Sends the host an inventory command. It changes nothing on the host, so any API user
