@@ -272,17 +272,9 @@ async fn inventory(
     Path(host): Path<String>,
 ) -> ApiResult {
     s.caller(&headers)?;
-    let (answer, pending) = match HostName::new(&host) {
-        Ok(h) => {
-            let inv = s
-                .shared
-                .inventories
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            (inv.answer(&h).cloned(), inv.pending(&h, chrono::Utc::now()))
-        }
-        Err(_) => (None, None),
-    };
+    let (answer, pending) = HostName::new(&host)
+        .map(|h| s.shared.inventory_of(&h))
+        .unwrap_or_default();
     let why = match pending {
         Some((command, expires_at)) => format!(
             "{host} has not answered yet (command {command}, valid until {expires_at}): is its \

@@ -83,13 +83,8 @@ pub struct Inventories {
 }
 
 impl Inventories {
-    /// The host's last answer, as `GET /api/hosts/{host}/inventory` shows it.
-    pub fn answer(&self, host: &HostName) -> Option<&Value> {
-        self.answers.get(host)
-    }
-
     /// The command still waiting for the host's answer, while it is valid.
-    pub fn pending(&self, host: &HostName, now: DateTime<Utc>) -> Option<(Uuid, DateTime<Utc>)> {
+    fn pending(&self, host: &HostName, now: DateTime<Utc>) -> Option<(Uuid, DateTime<Utc>)> {
         self.asked
             .get(host)
             .copied()
@@ -119,6 +114,12 @@ impl Shared {
             steps: Mutex::new(Steps::default()),
             inventories: Mutex::new(Default::default()),
         })
+    }
+
+    /// The host's last inventory answer, and the question still waiting for its agent.
+    pub fn inventory_of(&self, host: &HostName) -> (Option<Value>, Option<(Uuid, DateTime<Utc>)>) {
+        let inv = self.inventories.lock().unwrap_or_else(|e| e.into_inner());
+        (inv.answers.get(host).cloned(), inv.pending(host, now()))
     }
 
     /// Keeps a host's answer to the inventory this conductor asked it (the last one wins)
@@ -372,6 +373,11 @@ pub struct Engine {
 const HELD: &str = "the conductor started paused (after a restore?): check `convoy status` and \
     `convoy hosts`, then `convoy resume ID` or `convoy abort ID`";
 
+/// The audit line of a rollout paused because the conductor started paused.
+fn audit_held(tx: &Tx<'_>, app: &str, stage: &str, id: i64) -> Result<(), StoreError> {
+    tx.audit("conductor", "pause", Some(app), Some(stage), Some(id), HELD)
+}
+
 fn now() -> DateTime<Utc> {
     Utc::now()
 }
@@ -424,14 +430,7 @@ impl Engine {
                 if r.state == RolloutState::Running && r.pause(t).is_ok() {
                     self.store.write(|tx| {
                         tx.save_rollout(&r)?;
-                        tx.audit(
-                            "conductor",
-                            "pause",
-                            Some(r.app.as_str()),
-                            Some(&r.stage),
-                            Some(id),
-                            HELD,
-                        )
+                        audit_held(tx, r.app.as_str(), &r.stage, id)
                     })?;
                 }
                 tracing::warn!(rollout = id, app = %r.app, stage = %r.stage, state = r.state.as_str(),
@@ -845,16 +844,7 @@ impl Engine {
                     rollout = id,
                     "queued rollout takes the stage, paused: {HELD}"
                 );
-                let _ = self.commit(id, Vec::new(), |tx| {
-                    tx.audit(
-                        "conductor",
-                        "pause",
-                        Some(app.as_str()),
-                        Some(stage),
-                        Some(id),
-                        HELD,
-                    )
-                });
+                let _ = self.commit(id, Vec::new(), |tx| audit_held(tx, app.as_str(), stage, id));
                 return;
             }
             r.state = RolloutState::Running;
@@ -1013,8 +1003,7 @@ impl Engine {
                 self.change(id, user, "pause", |r, t| r.pause(t).map(|()| Vec::new()))
             }
             Request::Resume(id) => {
-                let held = self.held_rollouts.remove(&id);
-                let v = self.change(id, user, "resume", |r, t| {
+                let v = self.change_held(id, user, "resume", |r, t, held| {
                     if !held {
                         r.resume(t)?;
                         return Ok(r.tick(t));
@@ -1027,26 +1016,20 @@ impl Engine {
                     let mut out = r.rearm(t);
                     out.extend(r.tick(t));
                     Ok(out)
-                });
-                if v.is_err() && held {
-                    self.held_rollouts.insert(id);
-                }
-                let v = v?;
+                })?;
                 self.release_hold(user);
                 Ok(v)
             }
-            Request::Retry(id) => {
-                let held = self.held_rollouts.remove(&id);
-                let v = self.change(id, user, "retry", |r, t| {
-                    let mut out = if held { r.rearm(t) } else { Vec::new() };
-                    out.extend(r.retry(t)?);
-                    Ok(out)
-                });
-                if v.is_err() && held {
-                    self.held_rollouts.insert(id);
-                }
-                v
-            }
+            Request::Retry(id) => self.change_held(id, user, "retry", |r, t, held| {
+                // Only a halted rollout is retried: re-arm nothing that retry would refuse.
+                let mut out = if held && r.state == RolloutState::Halted {
+                    r.rearm(t)
+                } else {
+                    Vec::new()
+                };
+                out.extend(r.retry(t)?);
+                Ok(out)
+            }),
             Request::Rollback { app, stage } => self.rollback_stage(&app, &stage, user),
             Request::Promote { app, stage } => self.promote(&app, stage.as_deref(), user),
             Request::Inventory { host } => self.inventory(&host, user),
@@ -1126,6 +1109,23 @@ impl Engine {
             .insert(host.clone(), (command.id, command.expires_at));
         self.send(host.clone(), bytes);
         Ok(json!({ "host": host, "command": command.id, "expires_at": command.expires_at }))
+    }
+
+    /// [`Engine::change`] for an action that lets a rollout go: `f` is told whether it was
+    /// held since a paused start, and the hold on it ends when `f` succeeds.
+    fn change_held(
+        &mut self,
+        id: i64,
+        user: &str,
+        action: &str,
+        f: impl FnOnce(&mut Rollout, DateTime<Utc>, bool) -> Result<Vec<Dispatch>, String>,
+    ) -> Result<Value, RequestError> {
+        let held = self.held_rollouts.remove(&id);
+        let v = self.change(id, user, action, |r, t| f(r, t, held));
+        if v.is_err() && held {
+            self.held_rollouts.insert(id);
+        }
+        v
     }
 
     fn change(
@@ -1306,9 +1306,8 @@ impl Engine {
     }
 
     /// Creates, stores and starts (or queues) a rollout; `extra` runs in the same
-    /// transaction with the new id.
-    /// A new rollout, stored and audited; it dispatches its first batch at once unless it
-    /// queues behind another, or `hold` (one the conductor starts by itself while held).
+    /// transaction with the new id. With `hold` (one the conductor starts by itself while
+    /// held) it starts paused, or queues rather than supersede.
     fn create_rollout(
         &mut self,
         spec: RolloutSpec,

@@ -381,14 +381,7 @@ async fn host_page(
         .view(chrono::Utc::now())
         .into_iter()
         .find(|h| h.host == name);
-    let inventory = s
-        .api
-        .shared
-        .inventories
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .answer(&name)
-        .cloned();
+    let (inventory, _) = s.api.shared.inventory_of(&name);
     if view.is_none() && inventory.is_none() {
         return Err(unknown());
     }
