@@ -77,7 +77,9 @@ pub fn ensure(url: &str, children: &mut Children, stop: &Interrupt) -> anyhow::R
         nix::unistd::chown(p.as_path(), Some(user.uid), Some(user.gid))
             .with_context(|| format!("giving {} to the rabbitmq user", p.display()))?;
     }
-    let port = free_port()?;
+    let [port, dist_port] = free_ports(2)?[..] else {
+        anyhow::bail!("finding free ports: fewer than asked");
+    };
     let node = format!("convoy_demo_{}@localhost", std::process::id());
     let mut cmd = Command::new(SERVER);
     cmd.current_dir(d)
@@ -87,7 +89,7 @@ pub fn ensure(url: &str, children: &mut Children, stop: &Interrupt) -> anyhow::R
         .env("RABBITMQ_NODENAME", &node)
         .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
         .env("RABBITMQ_NODE_PORT", port.to_string())
-        .env("RABBITMQ_DIST_PORT", free_port()?.to_string())
+        .env("RABBITMQ_DIST_PORT", dist_port.to_string())
         .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
         .env("RABBITMQ_LOG_BASE", d.join("log"))
         .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
@@ -152,10 +154,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port")?
-        .port())
+/// `n` distinct free TCP ports on 127.0.0.1: all bound at once, then released (one at a
+/// time, the kernel may hand out the port it just released again).
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("finding free ports")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr().context("finding free ports")?.port()))
+        .collect()
 }

@@ -374,10 +374,13 @@ fn convoy_command() -> String {
 
 /// The fleet's names, ports, credentials and stages.
 fn plan(args: &DemoArgs, dir: &Path, amqp_url: &str) -> anyhow::Result<Fleet> {
+    // One port per host's app and one for the conductor, all distinct.
+    let mut ports = broker::free_ports(args.hosts + 1)?.into_iter();
+    let mut port = move || ports.next().context("finding free ports: fewer than asked");
     let listen = match &args.listen {
         Some(l) => l.clone(),
         None if std::net::TcpListener::bind("127.0.0.1:8470").is_ok() => "127.0.0.1:8470".into(),
-        None => format!("127.0.0.1:{}", broker::free_port()?),
+        None => format!("127.0.0.1:{}", port()?),
     };
     let staging = (args.hosts / 4).clamp(1, 2);
     let mut hosts = Vec::new();
@@ -388,7 +391,7 @@ fn plan(args: &DemoArgs, dir: &Path, amqp_url: &str) -> anyhow::Result<Fleet> {
             stage: if i <= staging { "staging" } else { "prod" },
             root: hdir.join("apps").join(APP),
             dir: hdir,
-            port: broker::free_port()?,
+            port: port()?,
             name,
         });
     }
