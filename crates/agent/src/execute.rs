@@ -56,16 +56,61 @@ pub struct Run<'a> {
     entry: Entry,
     cmd: Command,
     progress: Progress,
+    /// When the host deadline runs out: the command's validity (`expires_at - issued_at`,
+    /// the stage's `host_deadline_s`) counted from when this host took it, so clocks need
+    /// not agree. The conductor stops waiting for the host about then, so no step going
+    /// forward runs past it (hooks are stopped, the switch is not made, a switched release
+    /// is switched back). `None` once putting things back (a revert, a recovery), which
+    /// must run to the end.
+    cap: Option<Instant>,
 }
 
 impl<'a> Run<'a> {
     pub fn new(ctx: &'a Ctx, entry: Entry, cmd: Command) -> Self {
         let progress = entry.progress();
+        let allowed = (cmd.expires_at - cmd.issued_at)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
         Self {
             ctx,
             entry,
             cmd,
             progress,
+            cap: Some(Instant::now() + allowed),
+        }
+    }
+
+    /// Why the next step must not start: the host deadline has passed.
+    fn overdue(&self, before: &str) -> Option<String> {
+        let cap = self.cap?;
+        (Instant::now() >= cap).then(|| {
+            format!(
+                "the host deadline ({}) passed before {before}: the conductor no longer waits for this host",
+                self.allowed()
+            )
+        })
+    }
+
+    /// The host deadline, as an operator reads it: "600 s from when this host took the command".
+    fn allowed(&self) -> String {
+        let s = (self.cmd.expires_at - self.cmd.issued_at)
+            .num_seconds()
+            .max(0);
+        format!("{s} s from when this host took the command")
+    }
+
+    /// `limit`, or less when the host deadline comes first (then also true).
+    fn budget(&self, limit: Duration) -> (Duration, bool) {
+        match self.cap {
+            Some(cap) => {
+                let left = cap.saturating_duration_since(Instant::now());
+                if left < limit {
+                    (left, true)
+                } else {
+                    (limit, false)
+                }
+            }
+            None => (limit, false),
         }
     }
 
@@ -73,6 +118,8 @@ impl<'a> Run<'a> {
     pub async fn execute(mut self) -> Message {
         let recovering = self.progress.phase != Phase::Accepted;
         if recovering {
+            // Converging restores a consistent host; it is not cut short.
+            self.cap = None;
             tracing::warn!(id = %self.cmd.id, phase = ?self.progress.phase,
                 "recovering a command interrupted by a restart");
             let same_boot = self.progress.hook_boot.is_some()
@@ -179,6 +226,12 @@ impl<'a> Run<'a> {
         self.announce(step, state, Some(duration));
     }
 
+    /// A step that fails before it starts: reported with no time spent, and `why` returned.
+    fn refuse(&mut self, step: Step, why: String) -> Result<(), String> {
+        self.report(step, StepState::Failed, None, Duration::ZERO, why.clone());
+        Err(why)
+    }
+
     fn vars(
         &self,
         app: &AppConfig,
@@ -248,6 +301,10 @@ impl<'a> Run<'a> {
             );
             return Ok(());
         };
+        if let Some(why) = self.overdue(&format!("the {} hook", step.as_str())) {
+            return self.refuse(step, why);
+        }
+        let (timeout, by_deadline) = self.budget(Duration::from_secs(timeout_s));
         let user = match app.user.as_deref().map(nix::unistd::User::from_name) {
             None => None,
             Some(Ok(Some(u))) => Some(u),
@@ -256,8 +313,7 @@ impl<'a> Run<'a> {
                     "hook user {:?} does not exist",
                     app.user.as_deref().unwrap_or("")
                 );
-                self.report(step, StepState::Failed, None, Duration::ZERO, why.clone());
-                return Err(why);
+                return self.refuse(step, why);
             }
         };
         self.announce(step, StepState::Started, None);
@@ -275,7 +331,7 @@ impl<'a> Run<'a> {
             cwd: &dir,
             vars: &vars,
             user: user.as_ref(),
-            timeout: Duration::from_secs(timeout_s),
+            timeout,
             on_spawn: Some(&remember),
         };
         let run = hooks::run(&command.argv(), &env).await;
@@ -296,6 +352,13 @@ impl<'a> Run<'a> {
         );
         if run.ok() {
             Ok(())
+        } else if run.timed_out && by_deadline {
+            Err(format!(
+                "{} was stopped at the host deadline ({}) after {:?}: the conductor no longer waits for this host",
+                step.as_str(),
+                self.allowed(),
+                run.duration
+            ))
         } else {
             Err(run.describe(step.as_str()))
         }
@@ -317,6 +380,9 @@ impl<'a> Run<'a> {
             );
             return Ok(());
         };
+        if let Some(why) = self.overdue("the health check") {
+            return self.refuse(Step::Health, why);
+        }
         self.announce(Step::Health, StepState::Started, None);
         let vars = self.vars(app, root, release, Step::Health);
         let dir = root.release_dir(release);
@@ -328,14 +394,7 @@ impl<'a> Run<'a> {
                     "health check user {:?} does not exist",
                     app.user.as_deref().unwrap_or("")
                 );
-                self.report(
-                    Step::Health,
-                    StepState::Failed,
-                    None,
-                    Duration::ZERO,
-                    why.clone(),
-                );
-                return Err(why);
+                return self.refuse(Step::Health, why);
             }
         };
         let env = HookEnv {
@@ -345,7 +404,7 @@ impl<'a> Run<'a> {
             timeout: Duration::from_secs(spec.try_timeout_s),
             on_spawn: None,
         };
-        let outcome = health::check(spec, &env).await;
+        let outcome = health::check(spec, &env, self.cap).await;
         let state = if outcome.healthy {
             StepState::Succeeded
         } else {
@@ -360,6 +419,8 @@ impl<'a> Run<'a> {
         );
         if outcome.healthy {
             Ok(())
+        } else if let Some(why) = self.overdue("the release was healthy") {
+            Err(format!("health check stopped: {why}"))
         } else {
             Err(format!(
                 "health check failed: {}",
@@ -444,6 +505,10 @@ impl<'a> Run<'a> {
             }
         }
 
+        if let Some(why) = self.overdue("the build") {
+            let _ = root.remove_release(&release);
+            return End::failed(why);
+        }
         let _ = self.save(Phase::Build);
         if let Err(e) = self
             .hook(
@@ -529,6 +594,9 @@ impl<'a> Run<'a> {
 
     /// Switch, restart, health, post-switch; any failure switches back.
     async fn switch_to(&mut self, target: &ReleaseId, app: &AppConfig, root: &AppRoot) -> End {
+        if let Some(why) = self.overdue("the switch") {
+            return self.abandon(root, why);
+        }
         if let Err(e) = self.save(Phase::Switch) {
             return End::failed(format!("{e}; not switching"));
         }
@@ -620,6 +688,8 @@ impl<'a> Run<'a> {
 
     /// Puts `current` back on the release that was current before, and restarts it.
     async fn revert(&mut self, app: &AppConfig, root: &AppRoot, reason: String) -> End {
+        // Putting the previous release back runs to the end, deadline or not.
+        self.cap = None;
         let _ = self.save(Phase::Revert);
         let Some(before) = self.progress.current_before.clone() else {
             return End::failed(format!(

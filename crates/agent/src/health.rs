@@ -15,13 +15,20 @@ pub struct HealthOutcome {
     pub detail: String,
 }
 
-pub async fn check(spec: &HealthCheck, env: &HookEnv<'_>) -> HealthOutcome {
+/// Tries until healthy or `deadline_s` passes; `cap` (the host deadline) ends it
+/// sooner, each try included.
+pub async fn check(spec: &HealthCheck, env: &HookEnv<'_>, cap: Option<Instant>) -> HealthOutcome {
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(spec.deadline_s);
-    let try_timeout = Duration::from_secs(spec.try_timeout_s.max(1));
+    let mut deadline = started + Duration::from_secs(spec.deadline_s);
+    if let Some(cap) = cap {
+        deadline = deadline.min(cap);
+    }
     let mut attempts = 0;
     loop {
         attempts += 1;
+        let try_timeout = Duration::from_secs(spec.try_timeout_s.max(1))
+            .min(deadline.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(1));
         let (ok, detail) = match (&spec.url, &spec.command) {
             (Some(url), _) => http(url.clone(), try_timeout).await,
             (None, Some(command)) => {

@@ -225,6 +225,90 @@ async fn a_hanging_hook_is_killed_at_its_timeout_with_its_children() -> anyhow::
     Ok(())
 }
 
+/// A command's validity (`expires_at - issued_at`, the stage's `host_deadline_s`) is how
+/// long the conductor waits for the host, so the agent, counting from when it takes the
+/// command, stops there too instead of finishing late: a hook hanging after the switch is stopped at
+/// the deadline and the previous release is put back; one hanging before the switch leaves
+/// `current` untouched and the half-made release removed. Both hooks' own timeouts (300 s)
+/// are far beyond the deadlines here.
+#[tokio::test]
+async fn the_agent_stops_at_the_host_deadline_and_leaves_the_host_as_it_was() -> anyhow::Result<()>
+{
+    let markers = tempfile::tempdir()?;
+    let hang = |step: &str| {
+        format!(
+            "if [ -e {} ]; then sleep 600; fi; ",
+            markers.path().join(step).display()
+        )
+    };
+    let mut h = Host::new().await?;
+    let config = std::fs::read_to_string(&h.config)?
+        .replace("build = \"", &format!("build = \"{}", hang("build")))
+        .replace(
+            "post_switch = \"",
+            &format!("post_switch = \"{}", hang("post_switch")),
+        )
+        .replace(
+            "[apps.web.hooks]",
+            "[apps.web.timeouts]\nbuild_s = 300\npost_switch_s = 300\n\n[apps.web.hooks]",
+        );
+    std::fs::write(&h.config, config)?;
+    h.start_agent(&[])?;
+    let mut results = h.results_tap().await?;
+    h.deploy_ok(&mut results, "v1", "r1").await?;
+    h.release("v2", "app.txt", "v2\n")?;
+
+    // After the switch: post_switch hangs; stopped at the deadline, r1 is current again.
+    std::fs::write(markers.path().join("post_switch"), "")?;
+    let mut cmd = h.command(h.deploy_action("v2", "r2")?);
+    cmd.expires_at = cmd.issued_at + chrono::Duration::seconds(3);
+    h.order(&cmd).await?;
+    let r = next_result(&mut results, cmd.id).await?;
+    assert_eq!(r.outcome, DeployOutcome::Failed, "{r:?}");
+    assert!(r.rolled_back, "{r:?}");
+    let error = r.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("post_switch was stopped at the host deadline"),
+        "{error}"
+    );
+    let post = r
+        .steps
+        .iter()
+        .find(|s| s.step == Step::PostSwitch)
+        .ok_or_else(|| anyhow::anyhow!("no post_switch step in {r:?}"))?;
+    assert!(
+        post.duration_ms < 60_000,
+        "stopped by the deadline, not its own 300 s timeout: {post:?}"
+    );
+    assert_eq!(h.current().as_deref(), Some("releases/r1"));
+    assert!(!h.root.join("releases/r2").exists(), "r2 was removed");
+    let last = h.hook_lines().last().cloned().unwrap_or_default();
+    assert!(last.starts_with("restart r1 "), "r1 was restarted: {last}");
+
+    // Before the switch: build hangs; nothing is switched, the new release is removed.
+    std::fs::remove_file(markers.path().join("post_switch"))?;
+    std::fs::write(markers.path().join("build"), "")?;
+    let mut cmd = h.command(h.deploy_action("v2", "r3")?);
+    cmd.expires_at = cmd.issued_at + chrono::Duration::seconds(2);
+    h.order(&cmd).await?;
+    let r = next_result(&mut results, cmd.id).await?;
+    assert_eq!(r.outcome, DeployOutcome::Failed, "{r:?}");
+    assert!(!r.rolled_back, "nothing to roll back: {r:?}");
+    let error = r.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("build was stopped at the host deadline"),
+        "{error}"
+    );
+    assert_eq!(h.current().as_deref(), Some("releases/r1"));
+    assert!(!h.root.join("releases/r3").exists(), "r3 was removed");
+    assert!(
+        !h.hook_lines().iter().any(|l| l.contains(" r3 ")),
+        "no hook after build ran for r3: {:?}",
+        h.hook_lines()
+    );
+    Ok(())
+}
+
 /// The release is the app user's: the build hook, run as that user, writes into its own
 /// release and into the shared dirs the agent made, as `bundle install --deployment` does;
 /// a symlink in the commit changes hands itself, never what it points to.
