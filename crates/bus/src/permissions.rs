@@ -132,10 +132,12 @@ impl Role {
                 // Every host's command queue: the conductor declares one before its first
                 // command to a host, so the command waits for an agent not yet started.
                 let commands = format!("{ex}\\.cmd\\.[^.]+");
+                // It also reads the dead-letter queue, taking what any consumer refused
+                // into its store (`convoy dead-letters`).
                 Grants {
                     configure: format!("^({own}|{commands})$"),
                     write: format!("^({ex}|{dead}|{own}|{commands})$"),
-                    read: format!("^({ex}|{own}|{commands})$"),
+                    read: format!("^({ex}|{dead}|{own}|{commands})$"),
                     topic_write: "^cmd\\.[^.]+$".into(),
                     // Binding keys: `deploy.#` only to remove it (what 0.1 bound); results
                     // and each progress step are bound as `deploy.*.*.<step>`.
@@ -227,6 +229,26 @@ mod tests {
         assert_eq!(g.read, NOTHING);
         assert_eq!(g.write, "^convoy$");
         assert_eq!(g.topic_write, r"^push\.[^.]+$");
+    }
+
+    #[test]
+    fn only_the_conductor_reads_the_dead_letter_queue() {
+        let read = |role: Role| regex_lite_match(&role.grants("convoy").read, "convoy.dead");
+        assert!(read(Role::Conductor));
+        let host = HostName::new("web1").unwrap();
+        for role in [Role::Hook, Role::Ci].into_iter().chain(Role::host(&host)) {
+            assert!(!read(role.clone()), "{role:?} may read the dead letters");
+        }
+    }
+
+    /// Whether `pattern` (an anchored alternation of escaped names, as these are) matches.
+    fn regex_lite_match(pattern: &str, name: &str) -> bool {
+        let inner = pattern.trim_start_matches('^').trim_end_matches('$');
+        let inner = inner
+            .strip_prefix('(')
+            .and_then(|i| i.strip_suffix(')'))
+            .unwrap_or(inner);
+        inner.split('|').any(|alt| alt == escape(name))
     }
 
     #[test]

@@ -250,6 +250,14 @@ async fn each_daemon_does_its_own_work_and_nothing_of_another_hosts() -> anyhow:
     )
     .await?;
     assert_eq!(step.routing_key, "deploy.shop.web-1.build");
+    // The conductor takes the dead letters into its store: it may read their queue.
+    raw(&conductor, |ch| async move {
+        ch.basic_get(queue::dead(EXCHANGE).as_str().into(), Default::default())
+            .await
+            .map(drop)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the conductor cannot read the dead letters: {e}"))?;
 
     // Another host's results, progress, heartbeats, commands: refused.
     for (what, bus, key) in [
