@@ -206,6 +206,22 @@ enum Command {
     },
     /// Print live events (rollouts, hosts, steps) until interrupted.
     Tail,
+    /// Messages a convoy daemon refused (unsigned, forged, expired, malformed, …), kept by
+    /// the conductor with the reason; with an id, that one in full, body included.
+    DeadLetters {
+        id: Option<i64>,
+        /// Only those refused for this reason (`bad_signature`, `expired`, `malformed`, …).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Forget this dead letter and every older one (needs the deployer role).
+        #[arg(long, value_name = "ID", conflicts_with_all = ["id", "clear_all"])]
+        clear_through: Option<i64>,
+        /// Forget every dead letter kept (needs the deployer role).
+        #[arg(long, conflicts_with = "id")]
+        clear_all: bool,
+    },
     /// Write a new ed25519 signing key pair (`<id>.key`, `<id>.pub`).
     Keygen {
         /// The key id agents know it by (rotate by adding a new id).
@@ -411,6 +427,32 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 }
             })?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::DeadLetters { id: Some(id), .. } => {
+            let v = client.get(&format!("/api/dead-letters/{id}"))?;
+            print(json_out, &v, output::dead_letter)
+        }
+        Command::DeadLetters {
+            clear_through,
+            clear_all,
+            ..
+        } if clear_through.is_some() || clear_all => {
+            let body = match clear_through {
+                Some(id) => json!({ "through": id }),
+                None => json!({ "all": true }),
+            };
+            let v = client.post("/api/dead-letters/clear", &body)?;
+            print(json_out, &v, |v| {
+                println!("{} dead letter(s) cleared", v["cleared"])
+            })
+        }
+        Command::DeadLetters { reason, limit, .. } => {
+            let mut q = vec![format!("limit={limit}")];
+            if let Some(r) = reason {
+                q.push(format!("reason={}", client::encode(&r)));
+            }
+            let v = client.get(&format!("/api/dead-letters?{}", q.join("&")))?;
+            print(json_out, &v, output::dead_letters)
         }
         Command::Keygen { id, out } => {
             let key = convoy_message::KeyPair::generate(&id)

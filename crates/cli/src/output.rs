@@ -301,6 +301,68 @@ pub fn inventory(v: &Value) {
     );
 }
 
+/// The dead letters kept: how many of each reason, then the newest first.
+pub fn dead_letters(v: &Value) {
+    let counts: Vec<String> = v["counts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| format!("{} {}", s(&c["reason"]), s(&c["count"])))
+        .collect();
+    if counts.is_empty() {
+        println!("no dead letters: every message was taken");
+        return;
+    }
+    println!("kept: {}", counts.join(", "));
+    let rows: Vec<Vec<String>> = v["letters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            vec![
+                s(&l["id"]),
+                s(&l["kept_at"]).chars().take(19).collect(),
+                s(&l["reason"]),
+                s(&l["queue"]),
+                s(&l["routing_key"]),
+                s(&l["detail"]),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "KEPT", "REASON", "QUEUE", "ROUTING KEY", "DETAIL"],
+        &rows,
+    );
+    println!("`convoy dead-letters ID` shows one with its body");
+}
+
+/// One dead letter in full.
+pub fn dead_letter(v: &Value) {
+    for (label, key) in [
+        ("dead letter", "id"),
+        ("kept at", "kept_at"),
+        ("reason", "reason"),
+        ("detail", "detail"),
+        ("queue", "queue"),
+        ("routing key", "routing_key"),
+        ("refused by", "rejected_by"),
+        ("refused at", "rejected_at"),
+        ("message id", "message_id"),
+        ("kind", "kind"),
+        ("size", "size"),
+    ] {
+        println!("{label:<12} {}", s(&v[key]));
+    }
+    if let Some(n) = v["truncated_from"].as_u64() {
+        println!("{:<12} {n} bytes when refused; cut to 1 MiB", "truncated");
+    }
+    println!();
+    println!("{}", v["body"].as_str().unwrap_or(""));
+    if v["body_cut"] == true {
+        println!("(… cut: the conductor keeps the first 64 KiB of a body)");
+    }
+}
+
 fn duration(from: &Value, to: &Value) -> String {
     let parse = |v: &Value| {
         v.as_str()

@@ -165,6 +165,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/apps/{app}/promote", post(promote))
         .route("/api/pipelines", get(pipelines))
         .route("/api/audit", get(audit))
+        .route("/api/dead-letters", get(dead_letters))
+        .route("/api/dead-letters/clear", post(clear_dead_letters))
+        .route("/api/dead-letters/{id}", get(dead_letter))
         .route("/api/events", get(events))
         .with_state(state)
 }
@@ -196,6 +199,7 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
         "# HELP convoy_rollouts_active Rollouts not yet ended.\n# TYPE convoy_rollouts_active gauge\nconvoy_rollouts_active {active}\n\
 # HELP convoy_rollouts_started_total Rollouts created.\n# TYPE convoy_rollouts_started_total counter\nconvoy_rollouts_started_total {}\n\
 # HELP convoy_commands_sent_total Commands confirmed by the broker.\n# TYPE convoy_commands_sent_total counter\nconvoy_commands_sent_total {}\n\
+# HELP convoy_dead_letters_total Refused messages taken from the dead-letter queue into the store.\n# TYPE convoy_dead_letters_total counter\nconvoy_dead_letters_total {}\n\
 # HELP convoy_results_total Agent results received.\n# TYPE convoy_results_total counter\nconvoy_results_total {}\n\
 # HELP convoy_results_duplicate_total Agent results received again and ignored.\n# TYPE convoy_results_duplicate_total counter\nconvoy_results_duplicate_total {}\n\
 # HELP convoy_heartbeats_total Heartbeats received.\n# TYPE convoy_heartbeats_total counter\nconvoy_heartbeats_total {}\n\
@@ -203,6 +207,7 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
 # HELP convoy_hosts Hosts by liveness.\n# TYPE convoy_hosts gauge\nconvoy_hosts{{liveness=\"alive\"}} {alive}\nconvoy_hosts{{liveness=\"stale\"}} {stale}\nconvoy_hosts{{liveness=\"gone\"}} {gone}\n",
         m.rollouts_started.load(Ordering::Relaxed),
         m.commands_sent.load(Ordering::Relaxed),
+        m.dead_letters.load(Ordering::Relaxed),
         m.results.load(Ordering::Relaxed),
         m.duplicate_results.load(Ordering::Relaxed),
         m.heartbeats.load(Ordering::Relaxed),
@@ -428,6 +433,91 @@ async fn pipelines(
 async fn audit(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> ApiResult {
     s.caller(&headers)?;
     Ok(Json(json!(s.read(|st| st.audit(200))?)))
+}
+
+#[derive(Deserialize)]
+struct DeadLetterParams {
+    reason: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The dead letters kept, newest first, without their bodies; and the count of each reason.
+async fn dead_letters(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(q): Query<DeadLetterParams>,
+) -> ApiResult {
+    s.caller(&headers)?;
+    let reason = q.reason.filter(|r| !r.trim().is_empty());
+    let (letters, counts) =
+        s.read(|st| st.dead_letters(reason.as_deref(), q.limit.unwrap_or(50)))?;
+    let letters: Vec<Value> = letters
+        .iter()
+        .map(|l| {
+            let mut v = json!(l);
+            if let Some(m) = v.as_object_mut() {
+                m.remove("body");
+            }
+            v
+        })
+        .collect();
+    let counts: Vec<Value> = counts
+        .into_iter()
+        .map(|(reason, count)| json!({ "reason": reason, "count": count }))
+        .collect();
+    Ok(Json(json!({ "counts": counts, "letters": letters })))
+}
+
+async fn dead_letter(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> ApiResult {
+    s.caller(&headers)?;
+    let letter = s.read(|st| st.dead_letter(id))?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("there is no dead letter {id} (cleared, or beyond the newest kept)"),
+        )
+    })?;
+    Ok(Json(json!(letter)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClearBody {
+    through: Option<i64>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn clear_dead_letters(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Result<Json<ClearBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let user = s.deployer(&headers)?;
+    let Json(b) = body.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("clearing dead letters: {}", e.body_text()),
+        )
+    })?;
+    let through = match (b.through, b.all) {
+        (Some(id), false) => Some(id),
+        (None, true) => None,
+        _ => {
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "say which dead letters to clear: {\"through\": ID} (that one and every older \
+                 one) or {\"all\": true}"
+                    .into(),
+            ));
+        }
+    };
+    Ok(Json(
+        s.ask(Request::ClearDeadLetters { through }, user).await?,
+    ))
 }
 
 async fn events(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, ApiError> {

@@ -5,6 +5,7 @@
 //! only after its transaction committed.
 
 use crate::config::{AppConfig, Concurrency, Config, GateConfig, StageConfig};
+use crate::dead::DeadLetter;
 use crate::fleet::{Fleet, Liveness};
 use crate::pipeline::{
     GateCheck, GateContext, GateOutcome, GateRecord, GateState, Pipeline, PipelineState, TestsGate,
@@ -49,6 +50,8 @@ pub struct Metrics {
     pub heartbeats: AtomicU64,
     pub rollouts_started: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Dead letters taken into the store.
+    pub dead_letters: AtomicU64,
 }
 
 const MAX_TRACKED_STEPS: usize = 20_000;
@@ -299,6 +302,10 @@ pub enum Request {
     Inventory {
         host: String,
     },
+    /// Forget the dead letters kept, up to and including `through` (all without).
+    ClearDeadLetters {
+        through: Option<i64>,
+    },
 }
 
 impl Request {
@@ -344,6 +351,11 @@ pub enum Input {
     GateDone {
         pipeline: i64,
         outcome: GateOutcome,
+    },
+    /// Refused messages taken from the dead-letter queue, each with its digest.
+    DeadLetters {
+        letters: Vec<(DeadLetter, String)>,
+        done: oneshot::Sender<bool>,
     },
 }
 
@@ -589,6 +601,10 @@ impl Engine {
             }
             Input::Fetch { report, done } => {
                 let ok = tokio::task::block_in_place(|| self.on_fetch(&report));
+                let _ = done.send(ok);
+            }
+            Input::DeadLetters { letters, done } => {
+                let ok = tokio::task::block_in_place(|| self.on_dead_letters(&letters));
                 let _ = done.send(ok);
             }
             Input::Request {
@@ -1033,6 +1049,25 @@ impl Engine {
             Request::Rollback { app, stage } => self.rollback_stage(&app, &stage, user),
             Request::Promote { app, stage } => self.promote(&app, stage.as_deref(), user),
             Request::Inventory { host } => self.inventory(&host, user),
+            Request::ClearDeadLetters { through } => {
+                let detail = match through {
+                    Some(id) => format!("dead letters up to {id} cleared"),
+                    None => "every dead letter cleared".to_owned(),
+                };
+                let cleared = self.store.write(|tx| {
+                    let n = tx.clear_dead_letters(through)?;
+                    tx.audit(
+                        user,
+                        "clear-dead-letters",
+                        None,
+                        None,
+                        None,
+                        &format!("{detail} ({n})"),
+                    )?;
+                    Ok(n)
+                })?;
+                Ok(json!({ "cleared": cleared }))
+            }
         }
     }
 
@@ -1450,6 +1485,30 @@ impl Engine {
                 )
             })
             .is_ok()
+    }
+
+    /// Keeps refused messages; true once they are in the store (then they may leave the queue).
+    fn on_dead_letters(&mut self, letters: &[(DeadLetter, String)]) -> bool {
+        let kept = self.store.write(|tx| {
+            let mut new = 0;
+            for (letter, digest) in letters {
+                new += u64::from(tx.insert_dead_letter(letter, digest)?);
+            }
+            Ok(new)
+        });
+        match kept {
+            Ok(new) => {
+                self.shared
+                    .metrics
+                    .dead_letters
+                    .fetch_add(new, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot keep dead letters; they stay in their queue");
+                false
+            }
+        }
     }
 
     /// A build succeeded: start a pipeline for every app that deploys this repo and ref.

@@ -15,6 +15,7 @@
 //! - [`engine`]: the task that owns the store and the unfinished rollouts and pipelines and
 //!   handles one input at a time.
 //! - [`intake`]: the bus queues the conductor consumes.
+//! - [`dead`]: the dead-letter keeper, moving what consumers refused into the store.
 //! - [`fleet`]: hosts alive / stale / gone, from heartbeats.
 //! - [`api`]: the HTTP JSON API, SSE events, health and metrics.
 //! - [`web`]: the operators' pages (dashboard, deploy, rollouts, history, audit) and their
@@ -24,6 +25,7 @@
 pub mod api;
 pub mod backup;
 pub mod config;
+pub mod dead;
 pub mod engine;
 pub mod fleet;
 pub mod intake;

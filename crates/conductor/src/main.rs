@@ -286,6 +286,12 @@ async fn run(config: Config, key: KeyPair, start_paused: bool) -> anyhow::Result
     };
     let beats_task = spawn_live(beats, shared.clone(), intake::on_heartbeat, life.token());
     let progress_task = spawn_live(progress, shared.clone(), intake::on_progress, life.token());
+    let dead_task = tokio::spawn(convoy_conductor::dead::keep(
+        bus.clone(),
+        shared.clone(),
+        tx.clone(),
+        life.token(),
+    ));
     life.ready(&format!("serving on {}", config.listen));
     tracing::info!(listen = %config.listen, apps = config.apps.len(), "conductor ready");
     // The engine ends when shutdown was requested (checked first, hence `biased`), or when
@@ -305,6 +311,7 @@ async fn run(config: Config, key: KeyPair, start_paused: bool) -> anyhow::Result
     let _ = tokio::time::timeout(Duration::from_secs(5), events_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), beats_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), progress_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), dead_task).await;
     if engine_failure.is_none() {
         match tokio::time::timeout(Duration::from_secs(5), engine_task).await {
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "the engine stopped on a store error"),

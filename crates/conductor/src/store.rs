@@ -10,7 +10,9 @@
 //! | `audit` | who did what, when |
 //! | `refs` | refs and commits seen in push events and fetch reports |
 //! | `seen` | ids of build events that started pipelines |
+//! | `dead_letters` | what consumers refused, taken from the dead-letter queue (the newest [`DEAD_LETTERS_KEPT`]) |
 
+use crate::dead::DeadLetter;
 use crate::pipeline::Pipeline;
 use crate::rollout::Rollout;
 use chrono::{DateTime, Utc};
@@ -108,7 +110,19 @@ CREATE TABLE IF NOT EXISTS seen (
     id TEXT PRIMARY KEY,
     at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    digest TEXT NOT NULL UNIQUE,
+    reason TEXT NOT NULL,
+    body TEXT NOT NULL
+);
 ";
+
+/// How many dead letters of each reason the store holds, most first.
+pub type ReasonCounts = Vec<(String, i64)>;
+
+/// Dead letters the store keeps: older ones go as newer arrive.
+pub const DEAD_LETTERS_KEPT: i64 = 5000;
 
 /// One connection to the store. The engine owns the writer; readers open their own.
 pub struct Store {
@@ -357,6 +371,52 @@ impl Store {
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
+    /// The newest dead letters first, with `reason` only those; and how many of each
+    /// reason the store holds.
+    pub fn dead_letters(
+        &self,
+        reason: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, ReasonCounts)> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, body FROM dead_letters WHERE ?1 IS NULL OR reason = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![reason, limit.clamp(1, 10_000) as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut letters = Vec::new();
+        for row in rows {
+            let (id, body) = row?;
+            letters.push(DeadLetter {
+                id,
+                ..parse(&body, &format!("dead letter {id}"))?
+            });
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT reason, COUNT(*) FROM dead_letters GROUP BY reason ORDER BY COUNT(*) DESC, reason",
+        )?;
+        let counts = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<std::result::Result<_, _>>()?;
+        Ok((letters, counts))
+    }
+
+    pub fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>> {
+        let body: Option<String> = self
+            .conn
+            .query_row("SELECT body FROM dead_letters WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        body.map(|b| {
+            Ok(DeadLetter {
+                id,
+                ..parse(&b, &format!("dead letter {id}"))?
+            })
+        })
+        .transpose()
+    }
+
     pub fn seen(&self, id: Uuid) -> Result<bool> {
         Ok(self
             .conn
@@ -507,6 +567,32 @@ impl Tx<'_> {
             self.set_ref(repo, source, name, Some(sha))?;
         }
         Ok(())
+    }
+
+    /// Keeps one dead letter (a second copy, by digest, is ignored), and lets the oldest go
+    /// beyond [`DEAD_LETTERS_KEPT`]. True when it is new.
+    pub fn insert_dead_letter(&self, letter: &DeadLetter, digest: &str) -> Result<bool> {
+        let body = serde_json::to_string(letter).map_err(|cause| StoreError::Corrupt {
+            what: "a dead letter".into(),
+            cause,
+        })?;
+        let added = self.exec(
+            "INSERT OR IGNORE INTO dead_letters (digest, reason, body) VALUES (?1, ?2, ?3)",
+            params![digest, letter.reason, body],
+        )?;
+        self.exec(
+            "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?1",
+            [DEAD_LETTERS_KEPT],
+        )?;
+        Ok(added == 1)
+    }
+
+    /// Forgets the dead letters up to and including `through` (all with `None`); how many.
+    pub fn clear_dead_letters(&self, through: Option<i64>) -> Result<usize> {
+        self.exec(
+            "DELETE FROM dead_letters WHERE ?1 IS NULL OR id <= ?1",
+            [through],
+        )
     }
 
     pub fn mark_seen(&self, id: Uuid) -> Result<()> {

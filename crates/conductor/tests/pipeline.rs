@@ -129,15 +129,7 @@ async fn a_successful_build_flows_through_a_tests_gate_and_a_manual_gate() -> an
     assert!(p["gates"][1]["finished_at"].is_string());
     assert_eq!(p["rollouts"].as_array().map(Vec::len), Some(3));
     assert_eq!(fleet.hosts[2].current().as_deref(), Some(release.as_str()));
-    let audit = fleet.get("/api/audit")?;
-    assert!(
-        audit
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|a| a["action"] == "promote" && a["actor"] == "deployer"),
-        "{audit}"
-    );
+    fleet.audited("promote", "deployer")?;
     // Nothing waits any more: promote again is refused (exit 3).
     let again = fleet.cli(&["promote", "web"]).await?;
     assert_eq!(again.status.code(), Some(3), "{}", text(&again));

@@ -598,3 +598,149 @@ async fn v1_then_v2(fleet: &mut Fleet) -> anyhow::Result<(String, String)> {
     }
     Ok((releases[0].clone(), releases[1].clone()))
 }
+
+/// What a daemon refuses is kept by the conductor with its reason, the body as it came: a
+/// garbled command refused by the agent and a garbled event refused by the conductor
+/// itself show in `convoy dead-letters`, one in full by its id, and in the metrics; a
+/// viewer cannot clear them, a deployer can, part or all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_messages_are_kept_with_their_reasons_and_shown_by_the_cli() -> anyhow::Result<()> {
+    use convoy_bus::{Bus, Outgoing, Publisher, Retry};
+    use convoy_message::names::{HostName, Name};
+    use convoy_message::routing::{self, queue};
+
+    let mut fleet = Fleet::new(Setup {
+        hosts: 1,
+        ..Setup::default()
+    })
+    .await?;
+    fleet.start_conductor().await?;
+    fleet.start_agent(0)?;
+    let host = HostName::new(fleet.hosts[0].name.clone())?;
+    let publisher = Publisher::new(Bus::new(fleet.tb.config(), "test-garbage")?);
+    let garbage = |routing_key: String, payload: &[u8]| Outgoing {
+        exchange: None,
+        routing_key,
+        id: uuid::Uuid::new_v4(),
+        kind: "deploy".into(),
+        payload: payload.to_vec(),
+        headers: vec![],
+        transient: false,
+    };
+    // Once the agent has declared its queue (a message nobody is bound to is returned).
+    let command = garbage(
+        routing::command(&host),
+        b"{\"v\": 1, \"kind\": \"deploy\", trunc",
+    );
+    convoy_testkit::wait_until(Duration::from_secs(30), "the agent's queue", || {
+        let (p, c) = (&publisher, &command);
+        async move { p.publish(c, Retry::once()).await.ok() }
+    })
+    .await?;
+    let web = Name::new("web")?;
+    publisher
+        .publish(
+            &garbage(routing::result(Some(&web), &host), b"\xff\xfe not a result"),
+            Retry::once(),
+        )
+        .await?;
+
+    let listed =
+        convoy_testkit::wait_until(Duration::from_secs(30), "two dead letters kept", || {
+            let v = fleet.get("/api/dead-letters").ok();
+            async move { v.filter(|v| v["letters"].as_array().is_some_and(|l| l.len() == 2)) }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", fleet.logs()))?;
+    assert_eq!(
+        listed["counts"],
+        json!([{ "reason": "malformed", "count": 2 }]),
+        "{listed:#}"
+    );
+    let queues: Vec<&str> = listed["letters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["queue"].as_str())
+        .collect();
+    let (cmd_queue, events) = (
+        queue::commands(&fleet.tb.exchange, &host),
+        queue::conductor(&fleet.tb.exchange),
+    );
+    assert!(
+        queues.contains(&cmd_queue.as_str()) && queues.contains(&events.as_str()),
+        "{queues:?}"
+    );
+    assert!(
+        listed["letters"][0].get("body").is_none(),
+        "the list leaves bodies out"
+    );
+
+    // The CLI: the table, then one in full.
+    let out = fleet.cli(&["dead-letters"]).await?;
+    assert!(out.status.success(), "{}", text(&out));
+    let table = text(&out);
+    assert!(
+        table.contains("kept: malformed 2") && table.contains(&cmd_queue),
+        "{table}"
+    );
+    let from_agent = listed["letters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l["queue"] == json!(cmd_queue))
+        .and_then(|l| l["id"].as_i64())
+        .ok_or_else(|| anyhow::anyhow!("no letter from {cmd_queue}: {listed:#}"))?;
+    let out = fleet
+        .cli(&["dead-letters", &from_agent.to_string()])
+        .await?;
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("{\"v\": 1, \"kind\": \"deploy\", trunc")
+            && shown.contains("malformed")
+            && shown.contains(&format!("refused by   {cmd_queue}@")),
+        "{shown}"
+    );
+    let metrics = fleet.get_text("/metrics")?;
+    assert!(metrics.contains("convoy_dead_letters_total 2"), "{metrics}");
+
+    // Clearing: not for a viewer; a deployer clears up to an id, then the rest.
+    let oldest = listed["letters"][1]["id"].as_i64().unwrap_or_default();
+    let (status, body) = fleet.post_as(
+        common::VIEWER_TOKEN,
+        "/api/dead-letters/clear",
+        &json!({ "all": true }),
+    )?;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = fleet.post_as(
+        common::DEPLOYER_TOKEN,
+        "/api/dead-letters/clear",
+        &json!({}),
+    )?;
+    assert_eq!(status, 422, "clearing needs to say what: {body}");
+    let out = fleet
+        .cli(&["dead-letters", "--clear-through", &oldest.to_string()])
+        .await?;
+    assert!(
+        text(&out).contains("1 dead letter(s) cleared"),
+        "{}",
+        text(&out)
+    );
+    let left = fleet.get("/api/dead-letters")?;
+    assert_eq!(
+        left["letters"].as_array().map(Vec::len),
+        Some(1),
+        "{left:#}"
+    );
+    let out = fleet.cli(&["dead-letters", "--clear-all"]).await?;
+    assert!(
+        text(&out).contains("1 dead letter(s) cleared"),
+        "{}",
+        text(&out)
+    );
+    let out = fleet.cli(&["dead-letters"]).await?;
+    assert!(text(&out).contains("no dead letters"), "{}", text(&out));
+    fleet.audited("clear-dead-letters", "deployer")?;
+    Ok(())
+}

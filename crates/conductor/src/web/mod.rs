@@ -73,6 +73,7 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route("/hosts/{host}/inventory", post(ask_inventory))
         .route("/history", get(history))
         .route("/audit", get(audit))
+        .route("/dead-letters", get(dead_letters))
         .route("/events", get(events))
         .route(
             "/static/app.css",
@@ -806,6 +807,27 @@ async fn audit(
     Ok(html(
         StatusCode::OK,
         pages::audit(&u, &s.api.shared.config, &q, &entries),
+    ))
+}
+
+#[derive(Deserialize)]
+struct DeadLetterFilter {
+    reason: Option<String>,
+}
+
+async fn dead_letters(
+    State(s): State<Arc<WebState>>,
+    User(u): User,
+    Query(q): Query<DeadLetterFilter>,
+) -> Result<Response, WebError> {
+    let reason = nonblank(&q.reason);
+    let (letters, counts) = s
+        .api
+        .read(|st| st.dead_letters(reason.as_deref(), 200))
+        .map_err(|e| WebError::from(e).for_user(&u))?;
+    Ok(html(
+        StatusCode::OK,
+        pages::dead_letters(&u, reason.as_deref(), &counts, &letters),
     ))
 }
 

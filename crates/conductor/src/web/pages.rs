@@ -3,6 +3,7 @@
 use super::session::Session;
 use super::{DeployChoices, DeployFields, HistoryFilter};
 use crate::config::{Config, Role};
+use crate::dead::DeadLetter;
 use crate::fleet::{HostView, Liveness};
 use crate::rollout::{HostSlot, HostState, Rollout};
 use crate::store::AuditEntry;
@@ -34,7 +35,7 @@ fn layout(user: Option<&Session>, title: &str, nav: &str, live: bool, body: Mark
                     a.brand href="/" { "convoy" }
                     @if let Some(u) = user {
                         nav aria-label="Main" {
-                            @for (href, label) in [("/", "Dashboard"), ("/deploy", "Deploy"), ("/history", "History"), ("/audit", "Audit")] {
+                            @for (href, label) in [("/", "Dashboard"), ("/deploy", "Deploy"), ("/history", "History"), ("/audit", "Audit"), ("/dead-letters", "Dead letters")] {
                                 a href=(href) aria-current=[(nav == label).then_some("page")] { (label) }
                             }
                         }
@@ -776,4 +777,56 @@ pub fn audit(u: &Session, config: &Config, q: &HistoryFilter, entries: &[AuditEn
         }
     };
     layout(Some(u), "Audit", "Audit", true, body)
+}
+
+/// What the daemons refused, newest first, each with its reason and its body.
+pub fn dead_letters(
+    u: &Session,
+    reason: Option<&str>,
+    counts: &[(String, i64)],
+    letters: &[DeadLetter],
+) -> Markup {
+    let body = html! {
+        h1 { "Dead letters" }
+        p.muted {
+            "Messages a convoy daemon refused — unsigned, forged, expired, misaddressed, malformed — "
+            "taken from the dead-letter queue with the reason. " code { "convoy dead-letters" } " lists and clears them."
+        }
+        @if counts.is_empty() {
+            p { "None: every message was taken." }
+        } @else {
+            p {
+                "Kept: "
+                @for (i, (r, n)) in counts.iter().enumerate() {
+                    @if i > 0 { ", " }
+                    a href={ "/dead-letters?" (serde_urlencoded::to_string([("reason", r)]).unwrap_or_default()) } aria-current=[(reason == Some(r.as_str())).then_some("true")] { (r) } " " (n)
+                }
+                @if reason.is_some() { " · " a href="/dead-letters" { "all" } }
+            }
+            div.scroll {
+                table.audit {
+                    thead { tr { th { "#" } th { "kept" } th { "reason" } th { "queue" } th { "routing key" } th { "detail" } } }
+                    tbody {
+                        @for l in letters {
+                            tr {
+                                td { (l.id) }
+                                td { (when(l.kept_at)) }
+                                td { (l.reason) }
+                                td { (l.queue.clone().unwrap_or_default()) }
+                                td { (l.routing_key) }
+                                td {
+                                    (l.detail)
+                                    details.result {
+                                        summary { "body (" (l.size) " bytes" @if l.body_cut { ", first 64 KiB kept" } ")" }
+                                        pre { (l.body.chars().take(4096).collect::<String>()) }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    layout(Some(u), "Dead letters", "Dead letters", false, body)
 }

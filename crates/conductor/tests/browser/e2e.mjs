@@ -198,6 +198,17 @@ try {
   expect(audit.includes(deployer) && audit.includes("promote") && audit.includes("abort"), "audit names the user's promote and abort");
   await shot(page, "09-audit");
 
+  step = "refused messages show with their reason, markup as text";
+  await page.click('nav a[href="/dead-letters"]');
+  expect((await page.textContent("h1")) === "Dead letters", "the nav leads to the dead letters");
+  const dead = await page.textContent("table.audit");
+  expect(dead.includes("malformed") && dead.includes(".conductor"), `the garbled result, refused by the conductor: ${dead}`);
+  await page.click("table.audit details summary");
+  const body = await page.textContent("table.audit details pre");
+  expect(body.includes('<img src=x onerror="window.__xss=1">'), `the body shown as text: ${body}`);
+  expect((await page.evaluate(() => window.__xss)) === undefined, "markup in a dead letter never runs");
+  await shot(page, "09b-dead-letters");
+
   step = "a form without its CSRF token is refused";
   const noCsrf = await page.request.post(`${url}/rollouts/${result.second_rollout}/retry`, { form: { x: "1" } });
   expect(noCsrf.status() === 403, `403 without a CSRF token, got ${noCsrf.status()}`);
@@ -210,12 +221,12 @@ try {
 
   step = "pages are small and keyboard-usable";
   const sizes = {};
-  for (const p of ["/", "/deploy", `/rollouts/${result.first_rollout}`, `/hosts/${prodHosts[0]}`, "/history", "/audit", "/static/app.css", "/static/app.js"]) {
+  for (const p of ["/", "/deploy", `/rollouts/${result.first_rollout}`, `/hosts/${prodHosts[0]}`, "/history", "/audit", "/dead-letters", "/static/app.css", "/static/app.js"]) {
     const r = await page.request.get(`${url}${p}`);
     sizes[p] = (await r.body()).length;
   }
   const pageWeight = (p) => sizes[p] + sizes["/static/app.css"] + sizes["/static/app.js"];
-  for (const p of ["/", "/deploy", `/rollouts/${result.first_rollout}`, `/hosts/${prodHosts[0]}`, "/history", "/audit"]) {
+  for (const p of ["/", "/deploy", `/rollouts/${result.first_rollout}`, `/hosts/${prodHosts[0]}`, "/history", "/audit", "/dead-letters"]) {
     expect(pageWeight(p) < 200 * 1024, `${p} with its assets under 200 KB (${pageWeight(p)} bytes)`);
   }
   result.sizes = sizes;

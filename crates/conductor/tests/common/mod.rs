@@ -456,6 +456,24 @@ impl Fleet {
         Ok(serde_json::from_str(&text)?)
     }
 
+    /// Whether the audit log has a line of `action` by `actor`; `Err` shows the log.
+    pub fn audited(&self, action: &str, actor: &str) -> anyhow::Result<()> {
+        let audit = self.get("/api/audit")?;
+        let found = audit
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a["action"] == action && a["actor"] == actor);
+        anyhow::ensure!(found, "no audit line of {actor}'s {action}: {audit:#}");
+        Ok(())
+    }
+
+    /// A page that is not JSON (`/metrics`), without a token.
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let mut resp = self.http.get(&format!("{}{path}", self.url())).call()?;
+        Ok(resp.body_mut().read_to_string()?)
+    }
+
     /// POST with a token; returns (status, body).
     pub fn post_as(&self, token: &str, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
         let mut resp = self
