@@ -57,11 +57,12 @@ pub struct Run<'a> {
     cmd: Command,
     progress: Progress,
     /// When the host deadline runs out: the command's validity (`expires_at - issued_at`,
-    /// the stage's `host_deadline_s`) counted from when this host took it, so clocks need
-    /// not agree. The conductor stops waiting for the host about then, so no step going
-    /// forward runs past it (hooks are stopped, the switch is not made, a switched release
-    /// is switched back). `None` once putting things back (a revert, a recovery), which
-    /// must run to the end.
+    /// the stage's `host_deadline_s`) counted from when this host took it (its journal
+    /// entry's `started_at`: waiting for the app's lock counts), so clocks need not agree.
+    /// The conductor stops waiting for the host about then, so no step going forward runs
+    /// past it (hooks are stopped, the switch is not made, a switched release is switched
+    /// back). `None` for what puts things back — a rollback command, a revert, a recovery —
+    /// which must run to the end.
     cap: Option<Instant>,
 }
 
@@ -71,12 +72,21 @@ impl<'a> Run<'a> {
         let allowed = (cmd.expires_at - cmd.issued_at)
             .to_std()
             .unwrap_or(Duration::ZERO);
+        let waited = (Utc::now() - progress.started_at)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let cap = match cmd.action {
+            Action::Rollback { .. } | Action::Inventory => None,
+            Action::Deploy(_) | Action::Switch { .. } => {
+                Some(Instant::now() + allowed.saturating_sub(waited))
+            }
+        };
         Self {
             ctx,
             entry,
             cmd,
             progress,
-            cap: Some(Instant::now() + allowed),
+            cap,
         }
     }
 
@@ -459,6 +469,9 @@ impl<'a> Run<'a> {
             if let Err(e) = root.remove_release(&release) {
                 return End::failed(format!("cannot remove the leftover release directory: {e}"));
             }
+        }
+        if let Some(why) = self.overdue("the export") {
+            return End::failed(why);
         }
         self.progress.created_release = true;
         let _ = self.save(Phase::Export);

@@ -261,7 +261,8 @@ async fn the_agent_stops_at_the_host_deadline_and_leaves_the_host_as_it_was() ->
     // After the switch: post_switch hangs; stopped at the deadline, r1 is current again.
     std::fs::write(markers.path().join("post_switch"), "")?;
     let mut cmd = h.command(h.deploy_action("v2", "r2")?);
-    cmd.expires_at = cmd.issued_at + chrono::Duration::seconds(3);
+    // Room for export, build, pre_switch and restart on a loaded machine.
+    cmd.expires_at = cmd.issued_at + chrono::Duration::seconds(10);
     h.order(&cmd).await?;
     let r = next_result(&mut results, cmd.id).await?;
     assert_eq!(r.outcome, DeployOutcome::Failed, "{r:?}");
@@ -289,7 +290,7 @@ async fn the_agent_stops_at_the_host_deadline_and_leaves_the_host_as_it_was() ->
     std::fs::remove_file(markers.path().join("post_switch"))?;
     std::fs::write(markers.path().join("build"), "")?;
     let mut cmd = h.command(h.deploy_action("v2", "r3")?);
-    cmd.expires_at = cmd.issued_at + chrono::Duration::seconds(2);
+    cmd.expires_at = cmd.issued_at + chrono::Duration::seconds(8);
     h.order(&cmd).await?;
     let r = next_result(&mut results, cmd.id).await?;
     assert_eq!(r.outcome, DeployOutcome::Failed, "{r:?}");

@@ -211,7 +211,7 @@ enum Command {
     DeadLetters {
         id: Option<i64>,
         /// Only those refused for this reason (`bad_signature`, `expired`, `malformed`, …).
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["clear_through", "clear_all"])]
         reason: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,

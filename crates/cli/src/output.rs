@@ -11,6 +11,27 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// `text` safe for a terminal: control characters (an escape sequence in a message anyone
+/// with the broker's write permission sent, say) are shown as `\u{1b}`; new lines and tabs
+/// stay. For what strangers wrote (dead letters), not the operators' own hook output.
+fn printable(text: &str) -> String {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn short(v: &Value) -> String {
     let text = s(v);
     text.strip_prefix("refs/tags/")
@@ -301,13 +322,17 @@ pub fn inventory(v: &Value) {
     );
 }
 
+fn ps(v: &Value) -> String {
+    printable(&s(v))
+}
+
 /// The dead letters kept: how many of each reason, then the newest first.
 pub fn dead_letters(v: &Value) {
     let counts: Vec<String> = v["counts"]
         .as_array()
         .into_iter()
         .flatten()
-        .map(|c| format!("{} {}", s(&c["reason"]), s(&c["count"])))
+        .map(|c| format!("{} {}", ps(&c["reason"]), s(&c["count"])))
         .collect();
     if counts.is_empty() {
         println!("no dead letters: every message was taken");
@@ -320,12 +345,12 @@ pub fn dead_letters(v: &Value) {
         .flatten()
         .map(|l| {
             vec![
-                s(&l["id"]),
-                s(&l["kept_at"]).chars().take(19).collect(),
-                s(&l["reason"]),
-                s(&l["queue"]),
-                s(&l["routing_key"]),
-                s(&l["detail"]),
+                ps(&l["id"]),
+                ps(&l["kept_at"]).chars().take(19).collect(),
+                ps(&l["reason"]),
+                ps(&l["queue"]),
+                ps(&l["routing_key"]),
+                ps(&l["detail"]),
             ]
         })
         .collect();
@@ -351,13 +376,13 @@ pub fn dead_letter(v: &Value) {
         ("kind", "kind"),
         ("size", "size"),
     ] {
-        println!("{label:<12} {}", s(&v[key]));
+        println!("{label:<12} {}", ps(&v[key]));
     }
     if let Some(n) = v["truncated_from"].as_u64() {
         println!("{:<12} {n} bytes when refused; cut to 1 MiB", "truncated");
     }
     println!();
-    println!("{}", v["body"].as_str().unwrap_or(""));
+    println!("{}", printable(v["body"].as_str().unwrap_or("")));
     if v["body_cut"] == true {
         println!("(… cut: the conductor keeps the first 64 KiB of a body)");
     }

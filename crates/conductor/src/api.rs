@@ -441,7 +441,8 @@ struct DeadLetterParams {
     limit: Option<usize>,
 }
 
-/// The dead letters kept, newest first, without their bodies; and the count of each reason.
+/// The dead letters kept, newest first, with a preview of their bodies; and the count of
+/// each reason.
 async fn dead_letters(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -451,16 +452,6 @@ async fn dead_letters(
     let reason = q.reason.filter(|r| !r.trim().is_empty());
     let (letters, counts) =
         s.read(|st| st.dead_letters(reason.as_deref(), q.limit.unwrap_or(50)))?;
-    let letters: Vec<Value> = letters
-        .iter()
-        .map(|l| {
-            let mut v = json!(l);
-            if let Some(m) = v.as_object_mut() {
-                m.remove("body");
-            }
-            v
-        })
-        .collect();
     let counts: Vec<Value> = counts
         .into_iter()
         .map(|(reason, count)| json!({ "reason": reason, "count": count }))

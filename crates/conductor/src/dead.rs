@@ -32,8 +32,14 @@ pub const BATCH: usize = 100;
 /// The most of a body the store keeps (bodies reach the queue cut at 1 MiB already).
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// One pass that takes longer has a broker that stopped answering.
-const STUCK: Duration = Duration::from_secs(60);
+/// A broker that does not answer one request within this has stopped answering.
+const STUCK: Duration = Duration::from_secs(30);
+
+/// The most of a body listed with each letter (the whole body comes with one letter).
+pub const PREVIEW: usize = 2048;
+
+/// The most of a header's text kept: anyone who may publish dead letters writes them.
+const MAX_HEADER: usize = 4096;
 
 /// How often the queue is looked at.
 pub const INTERVAL: Duration = Duration::from_secs(5);
@@ -64,9 +70,13 @@ pub struct DeadLetter {
     /// refused if the refusing consumer cut it (over 1 MiB).
     pub size: usize,
     pub truncated_from: Option<u64>,
-    /// The body, as text (bytes that are not UTF-8 shown as U+FFFD): its first
-    /// [`MAX_BODY`] bytes, `body_cut` when there were more.
-    pub body: String,
+    /// The body's first [`PREVIEW`] bytes, as text (bytes that are not UTF-8 shown as
+    /// U+FFFD).
+    pub preview: String,
+    /// The body as text, its first [`MAX_BODY`] bytes (`body_cut` when there were more):
+    /// stored apart, and given only with one letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
     #[serde(default)]
     pub body_cut: bool,
 }
@@ -84,7 +94,7 @@ impl DeadLetter {
             .or_else(|| broker_reason(&headers).map(|r| broker_detail(&r)))
             .unwrap_or_default();
         let data = &delivery.data;
-        let body = String::from_utf8_lossy(&data[..data.len().min(MAX_BODY)]).into_owned();
+        let text_of = |n: usize| String::from_utf8_lossy(&data[..data.len().min(n)]).into_owned();
         let letter = Self {
             id: 0,
             kept_at,
@@ -99,23 +109,49 @@ impl DeadLetter {
             kind: props.kind().as_ref().map(|s| s.to_string()),
             size: data.len(),
             truncated_from: text("x-convoy-truncated-from").and_then(|s| s.parse().ok()),
-            body,
+            preview: text_of(PREVIEW),
+            body: Some(text_of(MAX_BODY)),
             body_cut: data.len() > MAX_BODY,
         };
-        // The same message redelivered (its ack lost) has the same headers and bytes.
+        // What makes it this message, and stays the same when it is given back and taken
+        // again (the conductor stopped between storing and acking): its bytes, id and the
+        // headers of its refusal — not the counts a quorum queue adds on each delivery
+        // (`x-delivery-count`, `x-acquired-count`).
         let mut digest = Sha256::new();
-        digest.update(format!("{headers:?}").as_bytes());
+        let mut part = |name: &str, value: Option<&str>| {
+            digest.update(name.as_bytes());
+            digest.update(b"\0");
+            digest.update(value.unwrap_or("\u{1}").as_bytes());
+            digest.update(b"\0");
+        };
+        for name in headers.inner().keys().map(|k| k.as_str()) {
+            if name.starts_with("x-convoy-") || name.starts_with("x-first-death-") {
+                part(name, header_text(&headers, name).as_deref());
+            }
+        }
+        part("message-id", letter.message_id.as_deref());
+        part("routing-key", Some(delivery.routing_key.as_str()));
         digest.update(data);
         (letter, hex::encode(digest.finalize()))
     }
 }
 
+/// A header as text, at most [`MAX_HEADER`] bytes of it.
 fn header_text(headers: &FieldTable, name: &str) -> Option<String> {
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        other => Some(format!("{other:?}")),
+    let mut text = match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        other => format!("{other:?}"),
+    };
+    if text.len() > MAX_HEADER {
+        let mut end = MAX_HEADER;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
     }
+    Some(text)
 }
 
 /// The newest `x-death` entry's field `name`, as text.
@@ -162,8 +198,8 @@ pub async fn keep(
             Ok(n) => {
                 failing = false;
                 tracing::warn!(count = n, %queue,
-                    "dead letters kept: `convoy dead-letters` shows them with their reasons");
-                shared.emit("dead_letters", json!({ "kept": n }));
+                    "took refused messages into the store: `convoy dead-letters` shows them with their reasons");
+                shared.emit("dead_letters", json!({ "taken": n }));
             }
             Err(e) if !failing => {
                 failing = true;
@@ -178,65 +214,92 @@ pub async fn keep(
     }
 }
 
-/// One pass: every message waiting, in batches; returns how many were kept.
+/// Why a pass ended early.
+enum Stop {
+    /// The broker did not answer a request within [`STUCK`]: its connection goes.
+    Silent,
+    Failed(String),
+}
+
+/// One pass: every message waiting, in batches; returns how many were taken.
 async fn drain(bus: &Bus, queue: &str, engine: &mpsc::Sender<Input>) -> Result<usize, String> {
     let conn = bus.connection().await.map_err(|e| e.to_string())?;
     let channel = conn
         .create_channel()
         .await
         .map_err(|e| format!("opening a channel: {e}"))?;
-    let Ok(outcome) = tokio::time::timeout(STUCK, drain_on(&channel, queue, engine)).await else {
-        // A connection that stops answering: the next user reconnects, and the broker
-        // gives back what this channel held.
+    let outcome = drain_on(&channel, queue, engine).await;
+    if let Err(Stop::Silent) = outcome {
+        // The next user reconnects, and the broker gives back what this channel held.
         bus.discard(&conn).await;
         return Err(format!("the broker did not answer within {STUCK:?}"));
-    };
+    }
     // Closing gives back whatever was taken and not acknowledged.
     let _ = tokio::time::timeout(STUCK, channel.close(200, "done".into())).await;
-    outcome
+    outcome.map_err(|e| match e {
+        Stop::Failed(why) => why,
+        Stop::Silent => String::new(),
+    })
+}
+
+/// A request to the broker, answered within [`STUCK`].
+async fn asked<T>(
+    request: impl std::future::Future<Output = lapin::Result<T>>,
+    what: impl FnOnce(lapin::Error) -> String,
+) -> Result<T, Stop> {
+    match tokio::time::timeout(STUCK, request).await {
+        Err(_) => Err(Stop::Silent),
+        Ok(answer) => answer.map_err(|e| Stop::Failed(what(e))),
+    }
 }
 
 async fn drain_on(
     channel: &lapin::Channel,
     queue: &str,
     engine: &mpsc::Sender<Input>,
-) -> Result<usize, String> {
-    let mut kept = 0;
+) -> Result<usize, Stop> {
+    let mut taken = 0;
     loop {
         let mut letters = Vec::new();
         let mut last = None;
         while letters.len() < BATCH {
-            let got = channel
-                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-                .await
-                .map_err(|e| {
+            let got = asked(
+                channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }),
+                |e| {
                     format!(
-                        "reading {queue}: {e} (ACCESS_REFUSED: the conductor's broker user predates \
-                         dead-letter keeping — run `convoy bus setup` again; NOT_FOUND: run it once)"
+                        "reading {queue}: {e} (ACCESS_REFUSED: the conductor's broker user \
+                         predates dead-letter keeping — run `convoy bus setup` again; \
+                         NOT_FOUND: run it once)"
                     )
-                })?;
+                },
+            )
+            .await?;
             let Some(message) = got else { break };
             last = Some(message.delivery.delivery_tag);
             letters.push(DeadLetter::of(&message.delivery, Utc::now()));
         }
         let (Some(tag), n) = (last, letters.len()) else {
-            return Ok(kept);
+            return Ok(taken);
         };
+        // The engine may be busy with a batch of results: it is waited for, not timed.
         let (done, stored) = oneshot::channel();
         engine
             .send(Input::DeadLetters { letters, done })
             .await
-            .map_err(|_| "the conductor is stopping".to_owned())?;
+            .map_err(|_| Stop::Failed("the conductor is stopping".into()))?;
         if stored.await != Ok(true) {
-            return Err("the store did not take them; they stay in the queue".into());
+            return Err(Stop::Failed(
+                "the store did not take them; they stay in the queue".into(),
+            ));
         }
-        channel
-            .basic_ack(tag, BasicAckOptions { multiple: true })
-            .await
-            .map_err(|e| format!("acknowledging: {e}"))?;
-        kept += n;
+        asked(
+            channel.basic_ack(tag, BasicAckOptions { multiple: true }),
+            |e| format!("acknowledging: {e}"),
+        )
+        .await?;
+        taken += n;
         if n < BATCH {
-            return Ok(kept);
+            return Ok(taken);
         }
     }
 }
@@ -260,7 +323,8 @@ mod tests {
             kind: None,
             size: 3,
             truncated_from: None,
-            body: "{}}".into(),
+            preview: "{}}".into(),
+            body: Some("{}}".into()),
             body_cut: false,
         }
     }
@@ -286,7 +350,25 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        let (all, counts) = store.dead_letters(None, 10_000).unwrap();
+        let (newest, counts) = store.dead_letters(None, 10_000).unwrap();
+        assert_eq!(
+            newest.len(),
+            crate::store::MAX_LISTED,
+            "one list is bounded"
+        );
+        assert!(
+            newest.iter().all(|l| l.body.is_none()),
+            "lists leave bodies out"
+        );
+        let all: Vec<DeadLetter> = (1..=newest[0].id)
+            .filter_map(|id| store.dead_letter(id).unwrap())
+            .rev()
+            .collect();
+        assert_eq!(
+            all[0].body.as_deref(),
+            Some("{}}"),
+            "one letter comes with its body"
+        );
         assert_eq!(all.len() as i64, DEAD_LETTERS_KEPT, "the oldest went");
         assert_eq!(all[0].detail, format!("letter {DEAD_LETTERS_KEPT}"));
         assert_eq!(all.last().map(|l| l.detail.as_str()), Some("letter 1"));
@@ -302,6 +384,13 @@ mod tests {
         assert_eq!(cleared as i64, DEAD_LETTERS_KEPT - 100);
         assert!(store.dead_letter(middle).unwrap().is_none());
         assert_eq!(store.dead_letters(None, 10_000).unwrap().0.len(), 100);
+        let newest = all[0].id;
         assert_eq!(store.write(|tx| tx.clear_dead_letters(None)).unwrap(), 100);
+        // Numbers are never given again: an old `--clear-through` cannot reach new ones.
+        store
+            .write(|tx| tx.insert_dead_letter(&letter(0), "after"))
+            .unwrap();
+        let (after, _) = store.dead_letters(None, 1).unwrap();
+        assert!(after[0].id > newest, "{} after {newest}", after[0].id);
     }
 }

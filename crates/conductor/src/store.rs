@@ -111,15 +111,19 @@ CREATE TABLE IF NOT EXISTS seen (
     at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     digest TEXT NOT NULL UNIQUE,
     reason TEXT NOT NULL,
+    meta TEXT NOT NULL,
     body TEXT NOT NULL
 );
 ";
 
 /// How many dead letters of each reason the store holds, most first.
 pub type ReasonCounts = Vec<(String, i64)>;
+
+/// The most dead letters one list gives.
+pub const MAX_LISTED: usize = 500;
 
 /// Dead letters the store keeps: older ones go as newer arrive.
 pub const DEAD_LETTERS_KEPT: i64 = 5000;
@@ -371,17 +375,17 @@ impl Store {
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
-    /// The newest dead letters first, with `reason` only those; and how many of each
-    /// reason the store holds.
+    /// The newest dead letters first (at most [`MAX_LISTED`], without their bodies), with
+    /// `reason` only those; and how many of each reason the store holds.
     pub fn dead_letters(
         &self,
         reason: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, ReasonCounts)> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, body FROM dead_letters WHERE ?1 IS NULL OR reason = ?1 ORDER BY id DESC LIMIT ?2",
+            "SELECT id, meta FROM dead_letters WHERE ?1 IS NULL OR reason = ?1 ORDER BY id DESC LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![reason, limit.clamp(1, 10_000) as i64], |r| {
+        let rows = stmt.query_map(params![reason, limit.clamp(1, MAX_LISTED) as i64], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
         })?;
         let mut letters = Vec::new();
@@ -401,17 +405,21 @@ impl Store {
         Ok((letters, counts))
     }
 
+    /// One dead letter, with its body.
     pub fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>> {
-        let body: Option<String> = self
+        let row: Option<(String, String)> = self
             .conn
-            .query_row("SELECT body FROM dead_letters WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT meta, body FROM dead_letters WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?;
-        body.map(|b| {
+        row.map(|(meta, body)| {
             Ok(DeadLetter {
                 id,
-                ..parse(&b, &format!("dead letter {id}"))?
+                body: Some(body),
+                ..parse(&meta, &format!("dead letter {id}"))?
             })
         })
         .transpose()
@@ -572,13 +580,17 @@ impl Tx<'_> {
     /// Keeps one dead letter (a second copy, by digest, is ignored), and lets the oldest go
     /// beyond [`DEAD_LETTERS_KEPT`]. True when it is new.
     pub fn insert_dead_letter(&self, letter: &DeadLetter, digest: &str) -> Result<bool> {
-        let body = serde_json::to_string(letter).map_err(|cause| StoreError::Corrupt {
+        let meta = DeadLetter {
+            body: None,
+            ..letter.clone()
+        };
+        let meta = serde_json::to_string(&meta).map_err(|cause| StoreError::Corrupt {
             what: "a dead letter".into(),
             cause,
         })?;
         let added = self.exec(
-            "INSERT OR IGNORE INTO dead_letters (digest, reason, body) VALUES (?1, ?2, ?3)",
-            params![digest, letter.reason, body],
+            "INSERT OR IGNORE INTO dead_letters (digest, reason, meta, body) VALUES (?1, ?2, ?3, ?4)",
+            params![digest, letter.reason, meta, letter.body.as_deref().unwrap_or("")],
         )?;
         self.exec(
             "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?1",

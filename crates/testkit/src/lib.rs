@@ -55,12 +55,42 @@ where
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free TCP port on 127.0.0.1 (bound, then released), and one no other test process
+/// was given in the last ten minutes. Tests run as parallel processes that each pick ports
+/// and bind them later (a private broker, seconds after): without the reservation, two
+/// picked the same port, and a TLS test once reached another test's plain AMQP listener
+/// ("received corrupt message of type InvalidContentType"). Reservations are files named
+/// after the port in `$TMPDIR/convoy-test-ports`, made with `O_EXCL`.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    let dir = std::env::temp_dir().join("convoy-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    let mut port = 0;
+    for _ in 0..50 {
+        port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0);
+        let mark = dir.join(port.to_string());
+        let stale = std::fs::metadata(&mark)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(600));
+        if stale {
+            let _ = std::fs::remove_file(&mark);
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&mark)
+        {
+            Ok(_) => return port,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            // No reservations possible (a read-only temp dir): the bare pick.
+            Err(_) => return port,
+        }
+    }
+    port
 }
 
 /// The path of a binary of another workspace package (`CARGO_BIN_EXE_*` only names the

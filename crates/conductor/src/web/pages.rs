@@ -817,8 +817,8 @@ pub fn dead_letters(
                                 td {
                                     (l.detail)
                                     details.result {
-                                        summary { "body (" (l.size) " bytes" @if l.body_cut { ", first 64 KiB kept" } ")" }
-                                        pre { (l.body.chars().take(4096).collect::<String>()) }
+                                        summary { "body (" (l.size) " bytes" @if l.size > crate::dead::PREVIEW { ", the first 2 KiB here; " code { "convoy dead-letters " (l.id) } " shows the rest" } ")" }
+                                        pre { (l.preview) }
                                     }
                                 }
                             }
