@@ -274,6 +274,13 @@ fn inventory(client: &Client, host: &str, wait: u64, json_out: bool) -> Result<E
     loop {
         match client.get(&path) {
             Ok(v) if v["command"] == asked["command"] => {
+                if let Some(why) = v["refused"].as_str() {
+                    if json_out {
+                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    }
+                    eprintln!("convoy: {host}: {why}");
+                    return Ok(ExitCode::from(1));
+                }
                 return print(json_out, &v, output::inventory);
             }
             // Not answered yet (404), or an older answer.

@@ -277,9 +277,13 @@ async fn inventory(
     Path(host): Path<String>,
 ) -> ApiResult {
     s.caller(&headers)?;
-    let (answer, pending) = HostName::new(&host)
+    let (answer, pending, refused) = HostName::new(&host)
         .map(|h| s.shared.inventory_of(&h))
         .unwrap_or_default();
+    // The last question was refused outright: that is its answer.
+    if let Some(refused) = refused {
+        return Ok(Json(refused));
+    }
     let why = match pending {
         Some((command, expires_at)) => format!(
             "{host} has not answered yet (command {command}, valid until {expires_at}): is its \

@@ -340,7 +340,10 @@ mod tests {
                 Ok((first, again))
             })
             .unwrap();
-        assert_eq!(added, (true, false), "a redelivered letter is kept once");
+        assert!(
+            matches!(added, (Some(_), None)),
+            "a redelivered letter is kept once: {added:?}"
+        );
 
         store
             .write(|tx| {

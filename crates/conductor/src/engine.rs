@@ -20,8 +20,8 @@ use chrono::{DateTime, Utc};
 use convoy_bus::{Consumer, Outgoing, Publisher, QueueSpec, Retry};
 use convoy_message::names::{HostName, Name, RefName, ReleaseId, Sha};
 use convoy_message::{
-    Action, BuildEvent, BuildStatus, Command, DeployProgress, DeployResult, DeploySpec,
-    FetchReport, FetchStatus, InventoryReport, KeyPair, Message, PushEvent, routing,
+    Action, Body, BuildEvent, BuildStatus, Command, DeployOutcome, DeployProgress, DeployResult,
+    DeploySpec, FetchReport, FetchStatus, InventoryReport, KeyPair, Message, PushEvent, routing,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -83,7 +83,13 @@ pub struct Shared {
 pub struct Inventories {
     asked: std::collections::HashMap<HostName, (Uuid, DateTime<Utc>)>,
     answers: std::collections::HashMap<HostName, Value>,
+    /// The host's agent refused the last question outright (a signature it cannot check…).
+    refused: std::collections::HashMap<HostName, Value>,
 }
+
+/// What is known of one host's inventory: its last answer, the question still waiting,
+/// and the refusal of the last question.
+pub type InventoryView = (Option<Value>, Option<(Uuid, DateTime<Utc>)>, Option<Value>);
 
 impl Inventories {
     /// The command still waiting for the host's answer, while it is valid.
@@ -119,10 +125,30 @@ impl Shared {
         })
     }
 
-    /// The host's last inventory answer, and the question still waiting for its agent.
-    pub fn inventory_of(&self, host: &HostName) -> (Option<Value>, Option<(Uuid, DateTime<Utc>)>) {
+    /// The host's last inventory answer, the question still waiting for its agent, and the
+    /// refusal of the last question.
+    pub fn inventory_of(&self, host: &HostName) -> InventoryView {
         let inv = self.inventories.lock().unwrap_or_else(|e| e.into_inner());
-        (inv.answers.get(host).cloned(), inv.pending(host, now()))
+        (
+            inv.answers.get(host).cloned(),
+            inv.pending(host, now()),
+            inv.refused.get(host).cloned(),
+        )
+    }
+
+    /// The agent refused the inventory question this conductor asked it: no answer will
+    /// come, and whoever waits for one hears why.
+    fn note_inventory_refused(&self, host: &HostName, command: Uuid, why: &str) {
+        let view = json!({ "host": host, "command": command, "refused_at": now(), "refused": why });
+        {
+            let mut inv = self.inventories.lock().unwrap_or_else(|e| e.into_inner());
+            if inv.asked.get(host).map(|(id, _)| *id) != Some(command) {
+                return;
+            }
+            inv.asked.remove(host);
+            inv.refused.insert(host.clone(), view.clone());
+        }
+        self.emit("inventory", view);
     }
 
     /// Keeps a host's answer to the inventory this conductor asked it (the last one wins)
@@ -140,6 +166,7 @@ impl Shared {
                 return;
             }
             inv.asked.remove(&report.host);
+            inv.refused.remove(&report.host);
             inv.answers.insert(report.host.clone(), view.clone());
         }
         self.emit("inventory", view);
@@ -1490,18 +1517,33 @@ impl Engine {
     /// Keeps refused messages; true once they are in the store (then they may leave the queue).
     fn on_dead_letters(&mut self, letters: &[(DeadLetter, String)]) -> bool {
         let kept = self.store.write(|tx| {
-            let mut new = 0;
-            for (letter, digest) in letters {
-                new += u64::from(tx.insert_dead_letter(letter, digest)?);
-            }
-            Ok(new)
+            letters
+                .iter()
+                .map(|(letter, digest)| tx.insert_dead_letter(letter, digest))
+                .collect::<Result<Vec<_>, _>>()
         });
         match kept {
-            Ok(new) => {
+            Ok(ids) => {
+                let new: Vec<(&DeadLetter, i64)> = letters
+                    .iter()
+                    .zip(ids)
+                    .filter_map(|((letter, _), id)| Some((letter, id?)))
+                    .collect();
                 self.shared
                     .metrics
                     .dead_letters
-                    .fetch_add(new, Ordering::Relaxed);
+                    .fetch_add(new.len() as u64, Ordering::Relaxed);
+                // A command its agent refused will never run: the host fails now, with the
+                // reason, instead of at its deadline.
+                let refusals: Vec<DeployResult> = new
+                    .into_iter()
+                    .filter_map(|(letter, id)| self.refusal(letter, id))
+                    .collect();
+                if !refusals.is_empty() && !self.on_results(refusals) {
+                    tracing::warn!(
+                        "cannot record an agent's refusal; its host fails at its deadline instead"
+                    );
+                }
                 true
             }
             Err(e) => {
@@ -1509,6 +1551,48 @@ impl Engine {
                 false
             }
         }
+    }
+
+    /// The result an agent would have sent had it not refused this command outright (a
+    /// signature it cannot check, an expired or misaddressed command): `refused`, nothing
+    /// run. Only for a command this conductor sent, refused on that host's own queue.
+    fn refusal(&self, letter: &DeadLetter, kept_as: i64) -> Option<DeployResult> {
+        let id = Uuid::parse_str(letter.message_id.as_deref()?).ok()?;
+        let bytes = self.store.command(id).ok()??;
+        let Body::Command(signed) = Message::decode(&bytes).ok()?.body else {
+            return None;
+        };
+        let command: Command = serde_json::from_str(&signed.payload).ok()?;
+        if letter.routing_key != routing::command(&command.host) {
+            return None;
+        }
+        tracing::warn!(host = %command.host, command = %id, reason = %letter.reason,
+            detail = %letter.detail, "the agent refused a command outright");
+        let why = format!(
+            "its agent refused the command before running anything ({}): {} — `convoy dead-letters {}` shows it",
+            letter.reason, letter.detail, kept_as
+        );
+        if command.action == Action::Inventory {
+            self.shared.note_inventory_refused(&command.host, id, &why);
+        }
+        let t = now();
+        Some(DeployResult {
+            command_id: id,
+            host: command.host.clone(),
+            action: command.action.verb().to_owned(),
+            app: command.action.app().cloned(),
+            rollout: command.rollout.clone(),
+            release: None,
+            outcome: DeployOutcome::Refused,
+            rolled_back: false,
+            current: None,
+            previous: None,
+            steps: Vec::new(),
+            error: Some(why),
+            started_at: t,
+            duration_ms: 0,
+            finished_at: Some(t),
+        })
     }
 
     /// A build succeeded: start a pipeline for every app that deploys this repo and ref.

@@ -578,8 +578,8 @@ impl Tx<'_> {
     }
 
     /// Keeps one dead letter (a second copy, by digest, is ignored), and lets the oldest go
-    /// beyond [`DEAD_LETTERS_KEPT`]. True when it is new.
-    pub fn insert_dead_letter(&self, letter: &DeadLetter, digest: &str) -> Result<bool> {
+    /// beyond [`DEAD_LETTERS_KEPT`]. Its number when it is new.
+    pub fn insert_dead_letter(&self, letter: &DeadLetter, digest: &str) -> Result<Option<i64>> {
         let meta = DeadLetter {
             body: None,
             ..letter.clone()
@@ -592,11 +592,12 @@ impl Tx<'_> {
             "INSERT OR IGNORE INTO dead_letters (digest, reason, meta, body) VALUES (?1, ?2, ?3, ?4)",
             params![digest, letter.reason, meta, letter.body.as_deref().unwrap_or("")],
         )?;
+        let id = (added == 1).then(|| self.tx.last_insert_rowid());
         self.exec(
             "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?1",
             [DEAD_LETTERS_KEPT],
         )?;
-        Ok(added == 1)
+        Ok(id)
     }
 
     /// Forgets the dead letters up to and including `through` (all with `None`); how many.

@@ -744,3 +744,66 @@ async fn refused_messages_are_kept_with_their_reasons_and_shown_by_the_cli() -> 
     fleet.audited("clear-dead-letters", "deployer")?;
     Ok(())
 }
+
+/// A host whose agent refuses the command — here it trusts another key under the
+/// conductor's key id — fails at once with the agent's reason, taken from the dead letter,
+/// rather than at its deadline ten minutes on; the rollout halts rather than skipping it,
+/// and `convoy history` names the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_agent_refuses_the_command_fails_at_once_with_the_reason() -> anyhow::Result<()>
+{
+    let mut fleet = Fleet::new(Setup {
+        hosts: 3,
+        ..Setup::default()
+    })
+    .await?;
+    let trusted = fleet.dir.path().join("trusted");
+    let other = fleet.dir.path().join("other-trusted");
+    let scratch = tempfile::tempdir()?;
+    convoy_message::KeyPair::generate("test-conductor")?.write_files(scratch.path())?;
+    std::fs::create_dir_all(&other)?;
+    std::fs::copy(
+        scratch.path().join("test-conductor.pub"),
+        other.join("test-conductor.pub"),
+    )?;
+    let config = std::fs::read_to_string(&fleet.hosts[1].config)?.replace(
+        &format!("trusted_keys_dir = \"{}\"", trusted.display()),
+        &format!("trusted_keys_dir = \"{}\"", other.display()),
+    );
+    anyhow::ensure!(config.contains("other-trusted"), "{config}");
+    std::fs::write(&fleet.hosts[1].config, config)?;
+    fleet.start_with("v1").await?;
+
+    let id = fleet.deploy(
+        "v1",
+        "prod",
+        json!({ "batches": [1, 1, 1], "host_deadline_s": 600 }),
+    )?;
+    // Halted within 90 s, with 600 s to go before the host's deadline.
+    let r = fleet
+        .wait_state(id, &["halted"], Duration::from_secs(90))
+        .await?;
+    assert_eq!(r["hosts"][0]["state"], "succeeded", "{r:#}");
+    assert_eq!(r["hosts"][1]["state"], "failed", "not timed out: {r:#}");
+    assert_eq!(r["hosts"][2]["state"], "pending", "nothing skipped: {r:#}");
+    let error = r["hosts"][1]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("refused the command") && error.contains("bad_signature"),
+        "{error}"
+    );
+    assert_eq!(fleet.hosts[1].journal_entries(), 0, "nothing ran there");
+    let out = fleet.cli(&["history", &id.to_string()]).await?;
+    assert!(text(&out).contains("bad_signature"), "{}", text(&out));
+
+    // Asked for its inventory, the same agent refuses too: `convoy inventory` says why
+    // instead of waiting out its 60 s.
+    let host = fleet.hosts[1].name.clone();
+    let out = fleet.cli(&["inventory", &host, "--wait", "60"]).await?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("refused the command") && text(&out).contains("bad_signature"),
+        "{}",
+        text(&out)
+    );
+    Ok(())
+}

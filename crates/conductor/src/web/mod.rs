@@ -382,13 +382,19 @@ async fn host_page(
         .view(chrono::Utc::now())
         .into_iter()
         .find(|h| h.host == name);
-    let (inventory, _) = s.api.shared.inventory_of(&name);
+    let (inventory, _, refused) = s.api.shared.inventory_of(&name);
     if view.is_none() && inventory.is_none() {
         return Err(unknown());
     }
     Ok(html(
         StatusCode::OK,
-        pages::host(&u, &name, view.as_ref(), inventory.as_ref()),
+        pages::host(
+            &u,
+            &name,
+            view.as_ref(),
+            inventory.as_ref(),
+            refused.as_ref(),
+        ),
     ))
 }
 

@@ -379,6 +379,7 @@ pub fn host(
     name: &HostName,
     view: Option<&HostView>,
     inventory: Option<&Value>,
+    refused: Option<&Value>,
 ) -> Markup {
     let host = name.as_str();
     let body = html! {
@@ -397,6 +398,9 @@ pub fn host(
         }
         section #inventory aria-labelledby="inventory-h" {
             h2 #inventory-h { "Releases on disk" }
+            @if let Some(r) = refused {
+                p.error role="alert" { "The last question was refused: " (r["refused"].as_str().unwrap_or_default()) }
+            }
             @if let Some(inv) = inventory {
                 p.muted { "as its agent answered " (when_str(inv["received_at"].as_str().unwrap_or_default())) }
                 div.scroll {
