@@ -334,8 +334,13 @@ pub fn dead_letters(v: &Value) {
         .flatten()
         .map(|c| format!("{} {}", ps(&c["reason"]), s(&c["count"])))
         .collect();
+    if let Some(why) = v["blocked"].as_str() {
+        eprintln!(
+            "convoy: the conductor cannot take the dead letters now, so this list may miss some: {why}"
+        );
+    }
     if counts.is_empty() {
-        println!("no dead letters: every message was taken");
+        println!("no dead letters kept");
         return;
     }
     println!("kept: {}", counts.join(", "));

@@ -460,7 +460,15 @@ async fn dead_letters(
         .into_iter()
         .map(|(reason, count)| json!({ "reason": reason, "count": count }))
         .collect();
-    Ok(Json(json!({ "counts": counts, "letters": letters })))
+    let blocked = s
+        .shared
+        .dead_letters_blocked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    Ok(Json(
+        json!({ "counts": counts, "letters": letters, "blocked": blocked }),
+    ))
 }
 
 async fn dead_letter(

@@ -193,7 +193,12 @@ pub async fn keep(
     let queue = queue::dead(bus.exchange());
     let mut failing = false;
     loop {
-        match drain(&bus, &queue, &engine).await {
+        let outcome = drain(&bus, &queue, &engine).await;
+        *shared
+            .dead_letters_blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = outcome.as_ref().err().cloned();
+        match outcome {
             Ok(0) => failing = false,
             Ok(n) => {
                 failing = false;

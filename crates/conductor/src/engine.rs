@@ -75,6 +75,9 @@ pub struct Shared {
     pub steps: Mutex<Steps>,
     /// Inventories asked and answered (memory only: asked again after a restart).
     pub inventories: Mutex<Inventories>,
+    /// Why the dead-letter keeper cannot take the dead letters now, if it cannot: shown with
+    /// them, so that an empty list is never mistaken for none refused.
+    pub dead_letters_blocked: Mutex<Option<String>>,
 }
 
 /// Each host's pending inventory question and its last answer. Only answers to a question
@@ -122,6 +125,7 @@ impl Shared {
             active: Mutex::new(BTreeMap::new()),
             steps: Mutex::new(Steps::default()),
             inventories: Mutex::new(Default::default()),
+            dead_letters_blocked: Mutex::new(None),
         })
     }
 

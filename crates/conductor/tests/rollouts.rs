@@ -742,6 +742,28 @@ async fn refused_messages_are_kept_with_their_reasons_and_shown_by_the_cli() -> 
     let out = fleet.cli(&["dead-letters"]).await?;
     assert!(text(&out).contains("no dead letters"), "{}", text(&out));
     fleet.audited("clear-dead-letters", "deployer")?;
+
+    // A conductor that cannot read the queue says so beside its (then empty) list.
+    let conn = lapin::Connection::connect(&fleet.tb.url, Default::default()).await?;
+    conn.create_channel()
+        .await?
+        .queue_delete(
+            queue::dead(&fleet.tb.exchange).as_str().into(),
+            Default::default(),
+        )
+        .await?;
+    let _ = conn.close(200, "done".into()).await;
+    convoy_testkit::wait_until(Duration::from_secs(30), "the keeper blocked", || {
+        let v = fleet.get("/api/dead-letters").ok();
+        async move { v.filter(|v| v["blocked"].is_string()) }
+    })
+    .await?;
+    let out = fleet.cli(&["dead-letters"]).await?;
+    assert!(
+        text(&out).contains("cannot take the dead letters now") && text(&out).contains("NOT_FOUND"),
+        "{}",
+        text(&out)
+    );
     Ok(())
 }
 

@@ -833,7 +833,18 @@ async fn dead_letters(
         .map_err(|e| WebError::from(e).for_user(&u))?;
     Ok(html(
         StatusCode::OK,
-        pages::dead_letters(&u, reason.as_deref(), &counts, &letters),
+        pages::dead_letters(
+            &u,
+            reason.as_deref(),
+            &counts,
+            &letters,
+            s.api
+                .shared
+                .dead_letters_blocked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_deref(),
+        ),
     ))
 }
 

@@ -789,15 +789,19 @@ pub fn dead_letters(
     reason: Option<&str>,
     counts: &[(String, i64)],
     letters: &[DeadLetter],
+    blocked: Option<&str>,
 ) -> Markup {
     let body = html! {
         h1 { "Dead letters" }
+        @if let Some(why) = blocked {
+            p.error role="alert" { "The conductor cannot take the dead letters now, so this list may miss some: " (why) }
+        }
         p.muted {
             "Messages a convoy daemon refused — unsigned, forged, expired, misaddressed, malformed — "
             "taken from the dead-letter queue with the reason. " code { "convoy dead-letters" } " lists and clears them."
         }
         @if counts.is_empty() {
-            p { "None: every message was taken." }
+            p { "None kept." }
         } @else {
             p {
                 "Kept: "
