@@ -230,7 +230,7 @@ async fn a_hanging_hook_is_killed_at_its_timeout_with_its_children() -> anyhow::
 /// command, stops there too instead of finishing late: a hook hanging after the switch is stopped at
 /// the deadline and the previous release is put back; one hanging before the switch leaves
 /// `current` untouched and the half-made release removed. Both hooks' own timeouts (300 s)
-/// are far beyond the deadlines here.
+/// are far beyond the deadlines here. A rollback command is never cut short.
 #[tokio::test]
 async fn the_agent_stops_at_the_host_deadline_and_leaves_the_host_as_it_was() -> anyhow::Result<()>
 {
@@ -247,6 +247,13 @@ async fn the_agent_stops_at_the_host_deadline_and_leaves_the_host_as_it_was() ->
         .replace(
             "post_switch = \"",
             &format!("post_switch = \"{}", hang("post_switch")),
+        )
+        .replace(
+            "restart = \"",
+            &format!(
+                "restart = \"if [ -e {} ]; then sleep 4; fi; ",
+                markers.path().join("slow_restart").display()
+            ),
         )
         .replace(
             "[apps.web.hooks]",
@@ -306,6 +313,30 @@ async fn the_agent_stops_at_the_host_deadline_and_leaves_the_host_as_it_was() ->
         !h.hook_lines().iter().any(|l| l.contains(" r3 ")),
         "no hook after build ran for r3: {:?}",
         h.hook_lines()
+    );
+
+    // Putting things back is never cut short: a rollback whose restart outlasts the
+    // command's validity still finishes.
+    std::fs::remove_file(markers.path().join("build"))?;
+    h.deploy_ok(&mut results, "v2", "r4").await?;
+    std::fs::write(markers.path().join("slow_restart"), "")?;
+    let mut cmd = h.command(Action::Rollback {
+        app: "web".parse()?,
+        release: None,
+    });
+    cmd.expires_at = cmd.issued_at + chrono::Duration::seconds(2);
+    h.order(&cmd).await?;
+    let r = next_result(&mut results, cmd.id).await?;
+    assert_eq!(r.outcome, DeployOutcome::Succeeded, "{r:?}");
+    assert_eq!(h.current().as_deref(), Some("releases/r1"));
+    let restart = r
+        .steps
+        .iter()
+        .find(|s| s.step == Step::Restart)
+        .ok_or_else(|| anyhow::anyhow!("no restart step in {r:?}"))?;
+    assert!(
+        restart.duration_ms >= 3_000,
+        "the restart ran its 4 s: {restart:?}"
     );
     Ok(())
 }
