@@ -39,9 +39,11 @@ pub struct SetupArgs {
     /// Take hosts (every stage's `hosts`) and the exchange from this conductor config too.
     #[arg(long, value_name = "PATH")]
     pub conductor_config: Option<PathBuf>,
-    /// Give users that exist already new passwords (default: keep them, print none).
-    #[arg(long)]
-    pub rotate: bool,
+    /// Give users that exist already new passwords (default: keep them, print none): all of
+    /// them, or only those named — `conductor`, `hook`, `ci`, or a host (its three users):
+    /// `--rotate web3,ci`.
+    #[arg(long, value_name = "WHO", num_args = 0.., value_delimiter = ',')]
+    pub rotate: Option<Vec<String>>,
     /// What every user name starts with; give each convoy installation on one broker its own.
     #[arg(long, default_value = "convoy-")]
     pub user_prefix: String,
@@ -111,6 +113,9 @@ struct Plan {
     vhost: String,
     exchange: String,
     roles: Vec<Role>,
+    /// Whose passwords `--rotate` replaces: `None` nobody's; an empty set everybody's; else
+    /// the central roles (`conductor`, `hook`, `ci`) and hosts (routing words) named.
+    rotate: Option<BTreeSet<String>>,
 }
 
 fn plan(args: &SetupArgs) -> Result<Plan, BadUsage> {
@@ -158,6 +163,31 @@ fn plan(args: &SetupArgs) -> Result<Plan, BadUsage> {
             roles.extend(Role::host(&host));
         }
     }
+    let rotate = match &args.rotate {
+        None => None,
+        Some(names) => {
+            let mut who = BTreeSet::new();
+            for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+                if ["conductor", "hook", "ci"].contains(&n) {
+                    who.insert(n.to_owned());
+                    continue;
+                }
+                let word = HostName::new(n).ok().map(|h| h.routing_word());
+                match word {
+                    Some(w) if seen.contains(&w) => {
+                        who.insert(w);
+                    }
+                    _ => {
+                        return Err(BadUsage(format!(
+                            "--rotate {n}: neither conductor, hook, ci nor a host of this setup \
+                             (name it in --hosts, or in a stage of --conductor-config, too)"
+                        )));
+                    }
+                }
+            }
+            Some(who)
+        }
+    };
     let public = match &args.broker_url {
         Some(u) => AmqpUrl::parse(u).map_err(bad)?,
         None => admin.clone(),
@@ -169,7 +199,22 @@ fn plan(args: &SetupArgs) -> Result<Plan, BadUsage> {
         vhost,
         exchange,
         roles,
+        rotate,
     })
+}
+
+impl Plan {
+    /// Whether `role`'s existing user gets a new password.
+    fn rotates(&self, role: &Role) -> bool {
+        match &self.rotate {
+            None => false,
+            Some(who) if who.is_empty() => true,
+            Some(who) => match role.host_name() {
+                Some(host) => who.contains(&host.routing_word()),
+                None => who.contains(role.kind()),
+            },
+        }
+    }
 }
 
 /// Hosts named by the stages of a conductor config, and its exchange if it sets one.
@@ -265,7 +310,7 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
         let user = role.user(&args.user_prefix);
         let (status, password) = if !before.has_user(&user) {
             ("created", Some(crate::secret::random_hex(24)?))
-        } else if args.rotate {
+        } else if plan.rotates(role) {
             ("rotated", Some(crate::secret::random_hex(24)?))
         } else {
             ("kept", None)
@@ -459,7 +504,7 @@ pub fn print(report: &Report) {
         println!();
         println!(
             "Users that existed kept their passwords, which are not shown; `--rotate` gives them \
-             new ones (then update their configs)."
+             new ones, `--rotate web3,ci` only those named (then update their configs)."
         );
     }
 }
@@ -475,7 +520,7 @@ mod tests {
             exchange: None,
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             conductor_config: None,
-            rotate: false,
+            rotate: None,
             user_prefix: "convoy-".into(),
             broker_url: Some("amqps://mq.example.com:5671".into()),
             rabbitmqctl: "rabbitmqctl".into(),

@@ -485,6 +485,29 @@ async fn running_again_keeps_passwords_and_rotate_replaces_them() -> anyhow::Res
     // The kept password still works.
     publish(&bus(&old_url, "db-1")?, "heartbeat.db-1").await?;
 
+    // Only the users named: db-2's three and the CI bridge's; db-1 and the conductor keep theirs.
+    let some = scratch.setup(&["--hosts", "db-1,db-2", "--rotate", "db-2,ci"])?;
+    let p = &scratch.prefix;
+    for (who, status) in [
+        (format!("{p}agent-db-2"), "rotated"),
+        (format!("{p}fetcher-db-2"), "rotated"),
+        (format!("{p}heartbeat-db-2"), "rotated"),
+        (format!("{p}ci"), "rotated"),
+        (name.clone(), "kept"),
+        (format!("{p}conductor"), "kept"),
+    ] {
+        assert_eq!(user(&some, &who)["status"], status, "{who}");
+    }
+    publish(&bus(&old_url, "db-1")?, "heartbeat.db-1").await?;
+    let out = Command::new(CONVOY)
+        .args(["bus", "setup", "--hosts", "db-1", "--rotate", "db-9"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--rotate db-9: neither"),
+        "{out:?}"
+    );
+
     let rotated = scratch.setup(&["--hosts", "db-1", "--rotate"])?;
     assert_eq!(user(&rotated, &name)["status"], "rotated");
     let new_url = url_of(&rotated, &name);

@@ -45,7 +45,7 @@ impl Access {
             exchange: Some(exchange.to_owned()),
             hosts: hosts.to_vec(),
             conductor_config: None,
-            rotate: false,
+            rotate: None,
             user_prefix: format!("{exchange}-"),
             broker_url: None,
             rabbitmqctl: PathBuf::from("rabbitmqctl"),
