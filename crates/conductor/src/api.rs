@@ -460,12 +460,7 @@ async fn dead_letters(
         .into_iter()
         .map(|(reason, count)| json!({ "reason": reason, "count": count }))
         .collect();
-    let blocked = s
-        .shared
-        .dead_letters_blocked
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let blocked = s.shared.dead_letters_blocked();
     Ok(Json(
         json!({ "counts": counts, "letters": letters, "blocked": blocked }),
     ))

@@ -88,10 +88,10 @@ impl DeadLetter {
         let headers = props.headers().clone().unwrap_or_default();
         let text = |name: &str| header_text(&headers, name);
         let reason = text("x-convoy-reason")
-            .or_else(|| broker_reason(&headers).map(|r| format!("broker:{r}")))
+            .or_else(|| x_death(&headers, "reason").map(|r| format!("broker:{r}")))
             .unwrap_or_else(|| "unknown".into());
         let detail = text("x-convoy-detail")
-            .or_else(|| broker_reason(&headers).map(|r| broker_detail(&r)))
+            .or_else(|| x_death(&headers, "reason").map(|r| broker_detail(&r)))
             .unwrap_or_default();
         let data = &delivery.data;
         let text_of = |n: usize| String::from_utf8_lossy(&data[..data.len().min(n)]).into_owned();
@@ -100,7 +100,7 @@ impl DeadLetter {
             kept_at,
             reason,
             detail,
-            queue: text("x-convoy-queue").or_else(|| broker_queue(&headers)),
+            queue: text("x-convoy-queue").or_else(|| x_death(&headers, "queue")),
             routing_key: text("x-convoy-routing-key")
                 .unwrap_or_else(|| delivery.routing_key.to_string()),
             rejected_by: text("x-convoy-rejected-by"),
@@ -175,14 +175,6 @@ fn broker_detail(reason: &str) -> String {
     }
 }
 
-fn broker_reason(headers: &FieldTable) -> Option<String> {
-    x_death(headers, "reason")
-}
-
-fn broker_queue(headers: &FieldTable) -> Option<String> {
-    x_death(headers, "queue")
-}
-
 /// Takes what waits in the dead-letter queue into the store until cancelled.
 pub async fn keep(
     bus: Bus,
@@ -194,10 +186,7 @@ pub async fn keep(
     let mut failing = false;
     loop {
         let outcome = drain(&bus, &queue, &engine).await;
-        *shared
-            .dead_letters_blocked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = outcome.as_ref().err().cloned();
+        shared.set_dead_letters_blocked(outcome.as_ref().err().cloned());
         match outcome {
             Ok(0) => failing = false,
             Ok(n) => {
@@ -226,6 +215,15 @@ enum Stop {
     Failed(String),
 }
 
+impl Stop {
+    fn why(self) -> String {
+        match self {
+            Stop::Silent => format!("the broker did not answer within {STUCK:?}"),
+            Stop::Failed(why) => why,
+        }
+    }
+}
+
 /// One pass: every message waiting, in batches; returns how many were taken.
 async fn drain(bus: &Bus, queue: &str, engine: &mpsc::Sender<Input>) -> Result<usize, String> {
     let conn = bus.connection().await.map_err(|e| e.to_string())?;
@@ -237,14 +235,11 @@ async fn drain(bus: &Bus, queue: &str, engine: &mpsc::Sender<Input>) -> Result<u
     if let Err(Stop::Silent) = outcome {
         // The next user reconnects, and the broker gives back what this channel held.
         bus.discard(&conn).await;
-        return Err(format!("the broker did not answer within {STUCK:?}"));
+    } else {
+        // Closing gives back whatever was taken and not acknowledged.
+        let _ = tokio::time::timeout(STUCK, channel.close(200, "done".into())).await;
     }
-    // Closing gives back whatever was taken and not acknowledged.
-    let _ = tokio::time::timeout(STUCK, channel.close(200, "done".into())).await;
-    outcome.map_err(|e| match e {
-        Stop::Failed(why) => why,
-        Stop::Silent => String::new(),
-    })
+    outcome.map_err(Stop::why)
 }
 
 /// A request to the broker, answered within [`STUCK`].

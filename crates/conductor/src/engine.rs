@@ -77,7 +77,7 @@ pub struct Shared {
     pub inventories: Mutex<Inventories>,
     /// Why the dead-letter keeper cannot take the dead letters now, if it cannot: shown with
     /// them, so that an empty list is never mistaken for none refused.
-    pub dead_letters_blocked: Mutex<Option<String>>,
+    dead_letters_blocked: Mutex<Option<String>>,
 }
 
 /// Each host's pending inventory question and its last answer. Only answers to a question
@@ -138,6 +138,21 @@ impl Shared {
             inv.pending(host, now()),
             inv.refused.get(host).cloned(),
         )
+    }
+
+    /// Why the dead-letter keeper cannot take the dead letters now, if it cannot.
+    pub fn dead_letters_blocked(&self) -> Option<String> {
+        self.dead_letters_blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_dead_letters_blocked(&self, why: Option<String>) {
+        *self
+            .dead_letters_blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = why;
     }
 
     /// The agent refused the inventory question this conductor asked it: no answer will
@@ -1561,6 +1576,9 @@ impl Engine {
     /// signature it cannot check, an expired or misaddressed command): `refused`, nothing
     /// run. Only for a command this conductor sent, refused on that host's own queue.
     fn refusal(&self, letter: &DeadLetter, kept_as: i64) -> Option<DeployResult> {
+        if !letter.routing_key.starts_with("cmd.") {
+            return None;
+        }
         let id = Uuid::parse_str(letter.message_id.as_deref()?).ok()?;
         let bytes = self.store.command(id).ok()??;
         let Body::Command(signed) = Message::decode(&bytes).ok()?.body else {

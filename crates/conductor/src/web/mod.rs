@@ -838,12 +838,7 @@ async fn dead_letters(
             reason.as_deref(),
             &counts,
             &letters,
-            s.api
-                .shared
-                .dead_letters_blocked
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_deref(),
+            s.api.shared.dead_letters_blocked().as_deref(),
         ),
     ))
 }
