@@ -146,6 +146,9 @@ pub struct HostSlot {
     /// The host answered after its deadline had already failed it.
     #[serde(default)]
     pub late: bool,
+    /// When a retry sent this host its timed-out command again (cleared by a new command).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retried_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub undo: Option<Undo>,
 }
@@ -167,6 +170,7 @@ impl HostSlot {
             agent_rolled_back: false,
             before: None,
             late: false,
+            retried_at: None,
             undo: None,
         }
     }
@@ -209,6 +213,8 @@ pub struct HostReport {
     /// The release `current` pointed to before this command switched it.
     pub previous: Option<ReleaseId>,
     pub duration_ms: u64,
+    /// When the agent began the command, by its own clock.
+    pub started_at: Option<DateTime<Utc>>,
 }
 
 impl From<&DeployResult> for HostReport {
@@ -225,6 +231,7 @@ impl From<&DeployResult> for HostReport {
             rolled_back: r.rolled_back,
             previous: r.previous.clone(),
             duration_ms: r.duration_ms,
+            started_at: Some(r.started_at),
         }
     }
 }
@@ -461,6 +468,7 @@ impl Rollout {
         h.finished_at = None;
         h.error = None;
         h.late = false;
+        h.retried_at = None;
         Dispatch {
             host: i,
             command: id,
@@ -509,10 +517,33 @@ impl Rollout {
 
     /// Records an agent's result. Returns false for a duplicate, stale or unknown one.
     pub fn record(&mut self, report: &HostReport, now: DateTime<Utc>) -> bool {
+        let half_deadline = self.deadline() / 2;
         for h in &mut self.hosts {
             if h.command == Some(report.command) {
                 if !matches!(h.state, HostState::Sent | HostState::TimedOut) {
                     return false;
+                }
+                if h.state == HostState::Sent
+                    && !report.succeeded
+                    && let (Some(retried), Some(started)) = (h.retried_at, report.started_at)
+                    && started < retried - half_deadline
+                {
+                    // The failure of the attempt the retry was meant to replace: it began
+                    // long before the retry (a whole deadline passed between the two; half
+                    // of it is left for the clocks to disagree) and only now reached us.
+                    // The retry asked for another try, so the host gets a new command.
+                    tracing::info!(
+                        rollout = self.id,
+                        host = %h.host,
+                        command = %report.command,
+                        error = report.error.as_deref().unwrap_or(""),
+                        "the retried attempt's failure arrived after the retry: a new command"
+                    );
+                    h.state = HostState::Pending;
+                    h.retried_at = None;
+                    h.error = report.error.clone();
+                    self.updated_at = now;
+                    return true;
                 }
                 h.late = h.state == HostState::TimedOut;
                 h.state = if report.succeeded {
@@ -640,6 +671,7 @@ impl Rollout {
                         h.state = HostState::Sent;
                         h.deadline_at = Some(now + deadline);
                         h.error = None;
+                        h.retried_at = Some(now);
                         out.push(Dispatch::again(i, id, false));
                     }
                     _ => h.state = HostState::Pending,

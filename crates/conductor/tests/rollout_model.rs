@@ -220,6 +220,8 @@ proptest! {
                                 rolled_back: !ok,
                                 previous: Some(ReleaseId::new("r0").unwrap()),
                                 duration_ms: 5,
+                                // The agent began when the command was sent.
+                                started_at: r.hosts[h].sent_at,
                             };
                             if r.record(&report, now) && model[h].ids.last() == Some(&id) {
                                 model[h].outcome = Some(ok);
@@ -238,6 +240,7 @@ proptest! {
                         rolled_back: false,
                         previous: None,
                         duration_ms: 1,
+                        started_at: Some(now),
                     };
                     prop_assert!(!r.record(&report, now), "an unknown result was taken");
                     r.tick(now)
@@ -293,6 +296,7 @@ proptest! {
                                 rolled_back: false,
                                 previous: None,
                                 duration_ms: 1,
+                                started_at: Some(now),
                             };
                             prop_assert!(r.record(&report, now));
                             r.tick(now)
@@ -329,6 +333,54 @@ fn a_timed_out_host_halts_and_is_never_skipped() {
     assert_eq!(again.len(), 1);
     assert!(again[0].resend);
     assert_eq!(again[0].command, sent[0].command);
+}
+
+/// A retry re-sends a timed-out host its command; the failure of the attempt it replaces
+/// (begun a deadline before the retry) arrives afterwards: the host gets a new command
+/// rather than failing the retry. A failure of a run begun after the retry fails it.
+#[test]
+fn a_failure_from_before_a_retry_gets_the_host_a_new_command() {
+    let now = Utc.with_ymd_and_hms(2026, 12, 6, 10, 0, 0).unwrap();
+    let failed = |command, started| HostReport {
+        command,
+        succeeded: false,
+        error: Some("build exited with status 1".into()),
+        rolled_back: false,
+        previous: None,
+        duration_ms: 61_000,
+        started_at: Some(started),
+    };
+
+    // The agent began at once; its failure comes in after the retry.
+    let mut r = hosts_a_and_b(1, 0, now);
+    let sent = r.tick(now);
+    let later = now + Duration::seconds(61);
+    assert!(r.tick(later).is_empty());
+    assert_eq!(r.state, RolloutState::Halted);
+    let again = r.retry(later).unwrap();
+    assert_eq!(again[0].command, sent[0].command);
+    assert!(r.record(&failed(sent[0].command, now), later));
+    let fresh = r.tick(later);
+    assert_eq!(fresh.len(), 1, "a new command for the host");
+    assert!(!fresh[0].resend);
+    assert_ne!(fresh[0].command, sent[0].command);
+    assert_eq!(r.state, RolloutState::Running);
+    assert_eq!(r.hosts[0].attempts, 2);
+    // The old command's result again (the agent answering the re-sent copy from its
+    // journal) changes nothing.
+    assert!(!r.record(&failed(sent[0].command, now), later));
+
+    // The agent was down and began only when the retry's copy reached it: that failure is
+    // the retry's own, and the host fails.
+    let mut r = hosts_a_and_b(1, 0, now);
+    let sent = r.tick(now);
+    assert!(r.tick(later).is_empty());
+    r.retry(later).unwrap();
+    let began = later + Duration::seconds(2);
+    assert!(r.record(&failed(sent[0].command, began), began));
+    assert!(r.tick(began).is_empty());
+    assert_eq!(r.hosts[0].state, HostState::Failed);
+    assert_eq!(r.state, RolloutState::Halted);
 }
 
 /// A rollout the conductor held (a paused start) and then lets go: a host still waiting on

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Fleet, Setup, text};
+use common::{DEPLOYER_TOKEN, Fleet, Setup, text};
 use serde_json::json;
 use std::time::Duration;
 
@@ -290,6 +290,60 @@ async fn a_silent_host_fails_its_deadline_and_the_rollout_halts_rather_than_skip
             h.builds_of(&release)
         );
     }
+    Ok(())
+}
+
+/// `convoy retry` reaches a timed-out host while its first attempt is still out (the agent
+/// hung mid-build); that attempt's failure arrives after the retry. The retry means "try
+/// again": the host gets a new command and the rollout completes, rather than halting on
+/// the old failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_not_undone_by_the_late_failure_of_the_attempt_it_replaces() -> anyhow::Result<()>
+{
+    let mut fleet = Fleet::new(Setup {
+        hosts: 2,
+        ..Setup::default()
+    })
+    .await?;
+    fleet.start_with("v1").await?;
+    fleet.hosts[1].freeze_next_build()?;
+    let id = fleet.deploy("v1", "prod", json!({ "batches": 1, "host_deadline_s": 4 }))?;
+    let r = fleet
+        .wait_state(id, &["halted"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(r["hosts"][1]["state"], "timed_out", "{}", r["hosts"][1]);
+    let release = r["release"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(fleet.hosts[1].builds_of(&release), 1, "{}", fleet.logs());
+
+    // The retry goes out while host 1's agent is still stopped; only then does it go on
+    // and report the first attempt's failure.
+    let (status, v) = fleet.post_as(
+        DEPLOYER_TOKEN,
+        &format!("/api/rollouts/{id}/retry"),
+        &json!({}),
+    )?;
+    assert_eq!(status, 200, "{v}");
+    fleet.hosts[1].thaw();
+    let r = fleet
+        .wait_state(id, &["succeeded", "halted"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(r["state"], "succeeded", "{r}\n{}", fleet.logs());
+    assert_eq!(r["hosts"][1]["attempts"], 2, "{}", r["hosts"][1]);
+    assert_eq!(fleet.hosts[1].current().as_deref(), Some(release.as_str()));
+    assert_eq!(
+        fleet.hosts[1].builds_of(&release),
+        2,
+        "the frozen attempt and the new one"
+    );
+    assert_eq!(fleet.hosts[0].builds_of(&release), 1);
+    // History keeps the first attempt's failure beside the success.
+    let history = fleet.cli(&["history", &id.to_string(), "--json"]).await?;
+    assert!(history.status.success(), "{}", text(&history));
+    let out = String::from_utf8_lossy(&history.stdout);
+    assert!(
+        out.contains("exited with status 1") || out.contains("\"failed\""),
+        "{out}"
+    );
     Ok(())
 }
 

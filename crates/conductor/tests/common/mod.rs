@@ -73,6 +73,19 @@ impl Host {
         }
     }
 
+    /// The next build stops this host's agent (SIGSTOP) and then fails, as a host that
+    /// hangs mid-deploy; [`Host::thaw`] lets the agent go on.
+    pub fn freeze_next_build(&self) -> anyhow::Result<()> {
+        Ok(std::fs::write(self.dir.join("freeze"), "")?)
+    }
+
+    /// Sends SIGCONT to the agent a frozen build stopped.
+    pub fn thaw(&self) {
+        if let Some(agent) = &self.agent {
+            agent.signal(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
     /// Command directories in the agent's journal.
     pub fn journal_entries(&self) -> usize {
         std::fs::read_dir(self.dir.join("state/journal"))
@@ -189,10 +202,14 @@ impl Fleet {
                     log.display()
                 )
             };
+            // With a `freeze` marker the build stops its agent (SIGSTOP; the test sends
+            // SIGCONT) and fails, once.
             let build = format!(
-                "build = \"echo build $CONVOY_RELEASE $(date +%s%N) >> {log}; sleep {sleep}\"\n",
+                "build = \"echo build $CONVOY_RELEASE $(date +%s%N) >> {log}; sleep {sleep}; \
+                 if [ -e {freeze} ]; then rm -f {freeze}; kill -STOP $PPID; exit 1; fi\"\n",
                 log = log.display(),
-                sleep = setup.build_sleep
+                sleep = setup.build_sleep,
+                freeze = hdir.join("freeze").display(),
             );
             let toml = format!(
                 "host = \"{name}\"\nstate_dir = \"{state}\"\nmirror_dir = \"{mirrors}\"\ntrusted_keys_dir = \"{trusted}\"\nkeep_releases = 5\n\n\
