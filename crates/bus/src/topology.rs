@@ -44,6 +44,9 @@ pub struct QueueSpec {
     pub live: bool,
     /// Bindings earlier versions made that this one must not have: removed on declare.
     pub retired_bindings: Vec<String>,
+    /// The dead-letter queue: nothing lies beyond it, so its delivery limit is as high as
+    /// it goes ([`DEAD_QUEUE_DELIVERY_LIMIT`]).
+    pub sink: bool,
 }
 
 impl QueueSpec {
@@ -55,6 +58,16 @@ impl QueueSpec {
             max_length: None,
             live: false,
             retired_bindings: Vec::new(),
+            sink: false,
+        }
+    }
+
+    /// The dead-letter queue `<exchange>.dead`, bound (by `""`) to the fanout dead-letter
+    /// exchange.
+    pub fn dead(exchange: &str) -> Self {
+        Self {
+            sink: true,
+            ..Self::new(queue::dead(exchange), vec!["".into()])
         }
     }
 
@@ -146,6 +159,12 @@ impl QueueSpec {
                 AMQPValue::LongString(dlx.into()),
             );
         }
+        if self.sink {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongInt(DEAD_QUEUE_DELIVERY_LIMIT),
+            );
+        }
         if let Some(max) = self.max_length {
             args.insert(
                 "x-max-length".into(),
@@ -159,6 +178,12 @@ impl QueueSpec {
         args
     }
 }
+
+/// The dead-letter queue's delivery limit: as high as it goes. Nothing lies beyond that
+/// queue, and RabbitMQ 4 otherwise limits a quorum queue to 20 deliveries and then drops
+/// the message: a letter the conductor failed to store 20 times (a full disk, a crash
+/// loop) would be lost. (RabbitMQ 3 has no limit unless one is set.)
+pub const DEAD_QUEUE_DELIVERY_LIMIT: i32 = i32::MAX;
 
 /// Heartbeats kept waiting at most in the conductor's heartbeat queue.
 pub const HEARTBEAT_QUEUE_MAX: u32 = 200_000;
@@ -284,15 +309,80 @@ pub async fn declare_exchanges(channel: &Channel, exchange: &str) -> Result<(), 
 /// this (a quorum queue declaration costs a round of consensus, too much for every
 /// short-lived publisher such as the git hook).
 pub async fn declare_dead_queue(channel: &Channel, exchange: &str) -> Result<(), BusError> {
-    let spec = QueueSpec::new(queue::dead(exchange), vec![]);
+    let spec = QueueSpec::dead(exchange);
     declare_queue_on(
         channel,
         &dead_exchange(exchange),
         &spec,
-        &["".to_owned()],
+        &spec.bindings,
         None,
     )
     .await
+}
+
+/// How the dead-letter queue stands after [`declare_dead_queue_or_keep`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadQueue {
+    /// Declared with its delivery limit as an argument (new, or made so before).
+    Limited,
+    /// It existed with other arguments — made by a convoy before the limit — and was kept
+    /// as it is (a queue's arguments cannot change): the limit must come from a policy.
+    Older,
+}
+
+/// Declares the dead-letter queue like [`declare_dead_queue`], but keeps one an earlier
+/// version made with other arguments (the broker answers PRECONDITION_FAILED) instead of
+/// failing. For `convoy bus setup`, which declares everything; the daemons only check it.
+pub async fn declare_dead_queue_or_keep(
+    conn: &Connection,
+    exchange: &str,
+) -> Result<DeadQueue, BusError> {
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(BusError::amqp("opening a channel"))?;
+    match declare_dead_queue(&channel, exchange).await {
+        Ok(()) => {
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(DeadQueue::Limited)
+        }
+        Err(BusError::Amqp { source, .. }) if is_precondition_failed(&source) => {
+            let channel = conn
+                .create_channel()
+                .await
+                .map_err(BusError::amqp("opening a channel"))?;
+            let name = queue::dead(exchange);
+            channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(BusError::amqp(format!("checking queue {name}")))?;
+            channel
+                .queue_bind(
+                    name.as_str().into(),
+                    dead_exchange(exchange).as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(BusError::amqp(format!("binding queue {name}")))?;
+            let _ = channel.close(200, "checked".into()).await;
+            Ok(DeadQueue::Older)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The broker refused a declaration because the object exists with other properties.
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 406)
 }
 
 /// Declares a consumer's queue and binds its keys on the main exchange.

@@ -70,6 +70,9 @@ pub struct Report {
     pub exchange: String,
     pub exchanges: Vec<String>,
     pub queues: Vec<String>,
+    /// Where the dead-letter queue's delivery limit comes from: `argument` (the queue's
+    /// own), or `policy <name>` for a queue an earlier convoy made without it.
+    pub dead_letter_limit: String,
     pub users: Vec<UserReport>,
 }
 
@@ -289,7 +292,7 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let queues = runtime
+    let (queues, dead) = runtime
         .block_on(declare_topology(&plan.admin, &plan.exchange, &hosts))
         .with_context(|| {
             format!(
@@ -300,6 +303,17 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
                 plan.vhost,
             )
         })?;
+
+    // A dead-letter queue from before its delivery limit keeps its arguments (they cannot
+    // change); a policy gives it the limit instead.
+    let dead_letter_limit = match dead {
+        topology::DeadQueue::Limited => "argument".to_owned(),
+        topology::DeadQueue::Older => {
+            let name = format!("convoy-dead-letters.{}", plan.exchange);
+            ctl.import(&dead_letter_policy(&plan.vhost, &plan.exchange, &name))?;
+            format!("policy {name}")
+        }
+    };
 
     // 3. The users and their permissions, in one import: what is missing or different.
     let mut users = Vec::new();
@@ -380,7 +394,26 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
         ],
         exchange: plan.exchange,
         queues,
+        dead_letter_limit,
         users,
+    })
+}
+
+/// The policy that gives an older dead-letter queue (made without `x-delivery-limit`) the
+/// limit new ones are declared with: on RabbitMQ 4 it would otherwise drop a letter after
+/// 20 deliveries. Matches that one queue only; a high priority, so a catch-all policy of
+/// the operator's does not hide it (RabbitMQ applies one policy per queue).
+fn dead_letter_policy(vhost: &str, exchange: &str, name: &str) -> serde_json::Value {
+    json!({
+        "policies": [{
+            "vhost": vhost,
+            "name": name,
+            "pattern": format!("^{}$", convoy_bus::permissions::escape(
+                &convoy_message::routing::queue::dead(exchange))),
+            "apply-to": "queues",
+            "priority": 100,
+            "definition": { "delivery-limit": topology::DEAD_QUEUE_DELIVERY_LIMIT },
+        }],
     })
 }
 
@@ -407,12 +440,13 @@ fn config_file(role: &Role) -> &'static str {
 }
 
 /// Declares both exchanges, the dead-letter queue, the conductor's and the CI bridge's
-/// queues, and each host's command and fetcher queues. Returns the queue names.
+/// queues, and each host's command and fetcher queues. Returns the queue names, and how
+/// the dead-letter queue stands (one an earlier version made is kept as it is).
 pub async fn declare_topology(
     admin: &AmqpUrl,
     exchange: &str,
     hosts: &[HostName],
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<(Vec<String>, topology::DeadQueue)> {
     let bus = Bus::new(
         BusConfig::new(admin.to_string(), exchange),
         "convoy bus setup",
@@ -420,7 +454,7 @@ pub async fn declare_topology(
     let conn = bus.connection().await?;
     let channel = conn.create_channel().await?;
     topology::declare_exchanges(&channel, exchange).await?;
-    topology::declare_dead_queue(&channel, exchange).await?;
+    let dead = topology::declare_dead_queue_or_keep(&conn, exchange).await?;
     let mut specs = vec![
         QueueSpec::conductor_events(exchange),
         QueueSpec::conductor_progress(exchange),
@@ -443,7 +477,7 @@ pub async fn declare_topology(
     bus.close().await;
     let mut names = vec![convoy_message::routing::queue::dead(exchange)];
     names.extend(specs.into_iter().map(|s| s.name));
-    Ok(names)
+    Ok((names, dead))
 }
 
 /// Prints the report for a person.
@@ -463,6 +497,12 @@ pub fn print(report: &Report) {
         report.exchanges[0], report.exchanges[1]
     );
     println!("declared queues {}", report.queues.join(", "));
+    if report.dead_letter_limit != "argument" {
+        println!(
+            "the dead-letter queue predates its delivery limit: set by {} instead",
+            report.dead_letter_limit
+        );
+    }
     println!();
     println!("users (their permissions: docs/security.md, or --json):");
     for u in &report.users {

@@ -517,3 +517,121 @@ async fn running_again_keeps_passwords_and_rotate_replaces_them() -> anyhow::Res
     assert!(old.is_err(), "the old password must no longer work");
     Ok(())
 }
+
+/// `url` (the shared broker's) with its virtual host replaced by `vhost`.
+fn in_vhost(url: &str, vhost: &str) -> String {
+    let host_end = url
+        .find("://")
+        .map(|i| i + 3)
+        .and_then(|start| url[start..].find('/').map(|i| start + i))
+        .unwrap_or(url.len());
+    format!("{}/{vhost}", &url[..host_end])
+}
+
+/// The broker's view of one queue's `field` (`arguments`, `policy`), by `rabbitmqctl
+/// list_queues`.
+fn queue_info(vhost: &str, name: &str, field: &str) -> anyhow::Result<String> {
+    let out = rabbitmqctl()
+        .args([
+            "list_queues",
+            "-p",
+            vhost,
+            "name",
+            field,
+            "--formatter",
+            "json",
+        ])
+        .output()?;
+    let queues: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    let q = queues
+        .iter()
+        .find(|q| q["name"] == name)
+        .ok_or_else(|| anyhow::anyhow!("no queue {name} in {queues:?}"))?;
+    Ok(q[field].to_string())
+}
+
+/// A new dead-letter queue carries its delivery limit as an argument (RabbitMQ 4 would drop
+/// a letter after 20 deliveries otherwise); one an earlier convoy made without it is kept —
+/// its arguments cannot change — and gets the limit from a policy, and bus setup does not
+/// fail on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_queue_never_drops_a_letter_new_or_old() -> anyhow::Result<()> {
+    let limit = convoy_bus::topology::DEAD_QUEUE_DELIVERY_LIMIT.to_string();
+    let dead = queue::dead(EXCHANGE);
+
+    let fresh = Scratch::new()?;
+    let report = fresh.setup(&["--hosts", "db-1"])?;
+    assert_eq!(report["dead_letter_limit"], "argument", "{report}");
+    let args = queue_info(&fresh.vhost, &dead, "arguments")?;
+    assert!(
+        args.contains("x-delivery-limit") && args.contains(&limit),
+        "{args}"
+    );
+
+    // An installation from before the limit: the queue exists without it.
+    let old = Scratch::new()?;
+    let ctl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = rabbitmqctl().args(args).output()?;
+        anyhow::ensure!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+        Ok(())
+    };
+    ctl(&["add_vhost", &old.vhost])?;
+    ctl(&[
+        "set_permissions",
+        "-p",
+        &old.vhost,
+        "guest",
+        ".*",
+        ".*",
+        ".*",
+    ])?;
+    let url = in_vhost(&convoy_testkit::shared_amqp_url(), &old.vhost);
+    raw(&url, |ch| async move {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+        ch.queue_declare(
+            queue::dead(EXCHANGE).as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map(drop)
+    })
+    .await?;
+    for _ in 0..2 {
+        let report = old.setup(&["--hosts", "db-1"])?;
+        let policy = format!("convoy-dead-letters.{EXCHANGE}");
+        assert_eq!(
+            report["dead_letter_limit"],
+            format!("policy {policy}"),
+            "{report}"
+        );
+        let out = rabbitmqctl()
+            .args(["list_policies", "-p", &old.vhost, "--formatter", "json"])
+            .output()?;
+        let policies: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+        let p = policies
+            .iter()
+            .find(|p| p["name"] == policy.as_str())
+            .ok_or_else(|| anyhow::anyhow!("no policy {policy}: {policies:?}"))?;
+        assert!(p["definition"].to_string().contains(&limit), "{p}");
+        assert_eq!(
+            p["pattern"],
+            format!("^{}$", dead.replace('.', "\\.")),
+            "{p}"
+        );
+        assert!(!queue_info(&old.vhost, &dead, "arguments")?.contains("x-delivery-limit"));
+        // The broker applies it to that queue.
+        assert_eq!(
+            queue_info(&old.vhost, &dead, "policy")?,
+            format!("\"{policy}\"")
+        );
+    }
+    Ok(())
+}

@@ -199,6 +199,7 @@ fn demo(
                     &hosts,
                 ))
                 .context("declaring the demo's exchanges and queues")?;
+            // (A dead-letter queue of an earlier demo is kept as it was: demo data.)
             if shared {
                 state.shared_broker =
                     Some((broker.url.clone(), fleet.exchange.clone(), fleet.queues()));
