@@ -226,10 +226,11 @@ pub async fn shared_channel(
     drop(channel);
     let declaring = open().await?;
     declare_exchanges(&declaring, exchange).await?;
-    if with_dead_queue {
-        declare_dead_queue(&declaring, exchange).await?;
-    }
     let _ = declaring.close(200, "declared".into()).await;
+    if with_dead_queue {
+        // One an earlier version made (other arguments) is kept as it is.
+        declare_dead_queue_or_keep(conn, exchange).await?;
+    }
     tracing::info!(
         %exchange,
         "declared the exchanges{} (missing: the broker's NOT_FOUND just logged answered the check)",

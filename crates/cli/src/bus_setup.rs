@@ -309,6 +309,7 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
     let dead_letter_limit = match dead {
         topology::DeadQueue::Limited => "argument".to_owned(),
         topology::DeadQueue::Older => {
+            older_dead_queue_is_convoys(&before, &plan.vhost, &plan.exchange)?;
             let name = format!("convoy-dead-letters.{}", plan.exchange);
             ctl.import(&dead_letter_policy(&plan.vhost, &plan.exchange, &name))?;
             format!("policy {name}")
@@ -397,6 +398,32 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<Report> {
         dead_letter_limit,
         users,
     })
+}
+
+/// The dead-letter queue the broker refused to redeclare is one an earlier convoy made
+/// (durable, quorum, no other argument), not one somebody changed: only that one is kept
+/// and given its limit by a policy.
+fn older_dead_queue_is_convoys(
+    before: &crate::rabbitmqctl::Definitions,
+    vhost: &str,
+    exchange: &str,
+) -> anyhow::Result<()> {
+    let name = convoy_message::routing::queue::dead(exchange);
+    let earlier = json!({ "x-queue-type": "quorum" });
+    match before.queue(vhost, &name) {
+        Some(q) if q.durable && serde_json::Value::Object(q.arguments.clone()) == earlier => Ok(()),
+        found => anyhow::bail!(
+            "queue {name:?} in vhost {vhost:?} exists with other properties than convoy gives              it ({}), so it was left as it is and may drop or lose dead letters; read what              waits in it (`convoy dead-letters`), delete it (`rabbitmqctl delete_queue -p {vhost}              {name}`), and run `convoy bus setup` again",
+            match found {
+                Some(q) => format!(
+                    "durable {}, arguments {}",
+                    q.durable,
+                    serde_json::Value::Object(q.arguments.clone())
+                ),
+                None => "it was not there a moment ago".to_owned(),
+            }
+        ),
+    }
 }
 
 /// The policy that gives an older dead-letter queue (made without `x-delivery-limit`) the
@@ -499,7 +526,8 @@ pub fn print(report: &Report) {
     println!("declared queues {}", report.queues.join(", "));
     if report.dead_letter_limit != "argument" {
         println!(
-            "the dead-letter queue predates its delivery limit: set by {} instead",
+            "the dead-letter queue predates its delivery limit: set by {} instead (RabbitMQ \
+             applies one policy per queue: any other policy that matched it no longer does)",
             report.dead_letter_limit
         );
     }

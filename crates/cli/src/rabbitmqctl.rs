@@ -163,6 +163,18 @@ pub struct Definitions {
     pub permissions: Vec<Permission>,
     #[serde(default)]
     pub topic_permissions: Vec<TopicPermission>,
+    #[serde(default)]
+    pub queues: Vec<QueueDefinition>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct QueueDefinition {
+    pub name: String,
+    pub vhost: String,
+    #[serde(default)]
+    pub durable: bool,
+    #[serde(default)]
+    pub arguments: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -191,6 +203,12 @@ pub struct TopicPermission {
 impl Definitions {
     pub fn has_vhost(&self, vhost: &str) -> bool {
         self.vhosts.iter().any(|v| v.name == vhost)
+    }
+
+    pub fn queue(&self, vhost: &str, name: &str) -> Option<&QueueDefinition> {
+        self.queues
+            .iter()
+            .find(|q| q.vhost == vhost && q.name == name)
     }
 
     pub fn has_user(&self, user: &str) -> bool {

@@ -42,15 +42,7 @@ impl Scratch {
 
     /// Runs `convoy --json bus setup` on this vhost; returns its report.
     fn setup(&self, extra: &[&str]) -> anyhow::Result<Value> {
-        let mut cmd = Command::new(CONVOY);
-        cmd.env_remove("CONVOY_EXCHANGE")
-            .args(["--json", "bus", "setup", "--amqp-url"])
-            .arg(convoy_testkit::shared_amqp_url())
-            .args(["--vhost", &self.vhost, "--user-prefix", &self.prefix]);
-        if let Some(node) = node() {
-            cmd.args(["--node", &node]);
-        }
-        let out = cmd.args(extra).output()?;
+        let out = self.setup_output(extra)?;
         anyhow::ensure!(
             out.status.success(),
             "bus setup failed: {}{}",
@@ -528,6 +520,15 @@ fn in_vhost(url: &str, vhost: &str) -> String {
     format!("{}/{vhost}", &url[..host_end])
 }
 
+/// The user name in an AMQP URL (`guest` when it names none).
+fn user_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    match rest.split_once('@') {
+        Some((userinfo, _)) => userinfo.split(':').next().unwrap_or("guest").to_owned(),
+        None => "guest".to_owned(),
+    }
+}
+
 /// The broker's view of one queue's `field` (`arguments`, `policy`), by `rabbitmqctl
 /// list_queues`.
 fn queue_info(vhost: &str, name: &str, field: &str) -> anyhow::Result<String> {
@@ -570,40 +571,7 @@ async fn the_dead_letter_queue_never_drops_a_letter_new_or_old() -> anyhow::Resu
 
     // An installation from before the limit: the queue exists without it.
     let old = Scratch::new()?;
-    let ctl = |args: &[&str]| -> anyhow::Result<()> {
-        let out = rabbitmqctl().args(args).output()?;
-        anyhow::ensure!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
-        Ok(())
-    };
-    ctl(&["add_vhost", &old.vhost])?;
-    ctl(&[
-        "set_permissions",
-        "-p",
-        &old.vhost,
-        "guest",
-        ".*",
-        ".*",
-        ".*",
-    ])?;
-    let url = in_vhost(&convoy_testkit::shared_amqp_url(), &old.vhost);
-    raw(&url, |ch| async move {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            lapin::types::AMQPValue::LongString("quorum".into()),
-        );
-        ch.queue_declare(
-            queue::dead(EXCHANGE).as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .map(drop)
-    })
-    .await?;
+    old.dead_queue_made_with(&[]).await?;
     for _ in 0..2 {
         let report = old.setup(&["--hosts", "db-1"])?;
         let policy = format!("convoy-dead-letters.{EXCHANGE}");
@@ -633,5 +601,78 @@ async fn the_dead_letter_queue_never_drops_a_letter_new_or_old() -> anyhow::Resu
             format!("\"{policy}\"")
         );
     }
+
+    // One somebody changed (here: a length limit, which drops letters): kept, but bus
+    // setup stops and says what to do rather than paper over it with a policy.
+    let changed = Scratch::new()?;
+    changed
+        .dead_queue_made_with(&[("x-max-length", 10)])
+        .await?;
+    let out = changed.setup_output(&["--hosts", "db-1"])?;
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("exists with other properties") && stderr.contains("x-max-length"),
+        "{stderr}"
+    );
     Ok(())
+}
+
+impl Scratch {
+    /// Runs `convoy --json bus setup` on this vhost, whatever comes of it.
+    fn setup_output(&self, extra: &[&str]) -> anyhow::Result<std::process::Output> {
+        let mut cmd = Command::new(CONVOY);
+        cmd.env_remove("CONVOY_EXCHANGE")
+            .args(["--json", "bus", "setup", "--amqp-url"])
+            .arg(convoy_testkit::shared_amqp_url())
+            .args(["--vhost", &self.vhost, "--user-prefix", &self.prefix]);
+        if let Some(node) = node() {
+            cmd.args(["--node", &node]);
+        }
+        Ok(cmd.args(extra).output()?)
+    }
+
+    /// Makes this test's vhost and in it the dead-letter queue as convoy made it before its
+    /// delivery limit (durable, quorum), plus `extra` integer arguments.
+    async fn dead_queue_made_with(&self, extra: &[(&str, i32)]) -> anyhow::Result<()> {
+        let ctl = |args: &[&str]| -> anyhow::Result<()> {
+            let out = rabbitmqctl().args(args).output()?;
+            anyhow::ensure!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+            Ok(())
+        };
+        ctl(&["add_vhost", &self.vhost])?;
+        let shared = convoy_testkit::shared_amqp_url();
+        let admin = user_of(&shared);
+        ctl(&[
+            "set_permissions",
+            "-p",
+            &self.vhost,
+            &admin,
+            ".*",
+            ".*",
+            ".*",
+        ])?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+        for (k, v) in extra {
+            args.insert((*k).into(), lapin::types::AMQPValue::LongInt(*v));
+        }
+        let url = in_vhost(&shared, &self.vhost);
+        raw(&url, |ch| async move {
+            ch.queue_declare(
+                queue::dead(EXCHANGE).as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .map(drop)
+        })
+        .await
+    }
 }

@@ -213,8 +213,6 @@ pub struct HostReport {
     /// The release `current` pointed to before this command switched it.
     pub previous: Option<ReleaseId>,
     pub duration_ms: u64,
-    /// When the agent began the command, by its own clock.
-    pub started_at: Option<DateTime<Utc>>,
 }
 
 impl From<&DeployResult> for HostReport {
@@ -231,9 +229,15 @@ impl From<&DeployResult> for HostReport {
             rolled_back: r.rolled_back,
             previous: r.previous.clone(),
             duration_ms: r.duration_ms,
-            started_at: Some(r.started_at),
         }
     }
+}
+
+/// When the run a result reports began, by the conductor's clock: its arrival less the run's
+/// duration. Never earlier than the truth (the result's time in transit is not taken off),
+/// so a doubtful run counts as begun later; agents' clocks are not needed.
+fn began_by_our_clock(report: &HostReport, now: DateTime<Utc>) -> DateTime<Utc> {
+    now - Duration::milliseconds(report.duration_ms.min(i64::MAX as u64 / 2) as i64)
 }
 
 /// A rollout of one commit (or one earlier release) to one stage.
@@ -517,21 +521,21 @@ impl Rollout {
 
     /// Records an agent's result. Returns false for a duplicate, stale or unknown one.
     pub fn record(&mut self, report: &HostReport, now: DateTime<Utc>) -> bool {
-        let half_deadline = self.deadline() / 2;
+        let open = !self.state.is_terminal();
         for h in &mut self.hosts {
             if h.command == Some(report.command) {
                 if !matches!(h.state, HostState::Sent | HostState::TimedOut) {
                     return false;
                 }
-                if h.state == HostState::Sent
+                if open
+                    && h.state == HostState::Sent
                     && !report.succeeded
-                    && let (Some(retried), Some(started)) = (h.retried_at, report.started_at)
-                    && started < retried - half_deadline
+                    && let Some(retried) = h.retried_at
+                    && began_by_our_clock(report, now) < retried
                 {
-                    // The failure of the attempt the retry was meant to replace: it began
-                    // long before the retry (a whole deadline passed between the two; half
-                    // of it is left for the clocks to disagree) and only now reached us.
-                    // The retry asked for another try, so the host gets a new command.
+                    // The failure of the attempt the retry was meant to replace: by the
+                    // conductor's own clock it began before the retry, and only now reached
+                    // us. The retry asked for another try, so the host gets a new command.
                     tracing::info!(
                         rollout = self.id,
                         host = %h.host,

@@ -220,8 +220,6 @@ proptest! {
                                 rolled_back: !ok,
                                 previous: Some(ReleaseId::new("r0").unwrap()),
                                 duration_ms: 5,
-                                // The agent began when the command was sent.
-                                started_at: r.hosts[h].sent_at,
                             };
                             if r.record(&report, now) && model[h].ids.last() == Some(&id) {
                                 model[h].outcome = Some(ok);
@@ -240,7 +238,6 @@ proptest! {
                         rolled_back: false,
                         previous: None,
                         duration_ms: 1,
-                        started_at: Some(now),
                     };
                     prop_assert!(!r.record(&report, now), "an unknown result was taken");
                     r.tick(now)
@@ -296,8 +293,7 @@ proptest! {
                                 rolled_back: false,
                                 previous: None,
                                 duration_ms: 1,
-                                started_at: Some(now),
-                            };
+                                    };
                             prop_assert!(r.record(&report, now));
                             r.tick(now)
                         }
@@ -341,17 +337,16 @@ fn a_timed_out_host_halts_and_is_never_skipped() {
 #[test]
 fn a_failure_from_before_a_retry_gets_the_host_a_new_command() {
     let now = Utc.with_ymd_and_hms(2026, 12, 6, 10, 0, 0).unwrap();
-    let failed = |command, started| HostReport {
+    let failed = |command, duration_ms| HostReport {
         command,
         succeeded: false,
         error: Some("build exited with status 1".into()),
         rolled_back: false,
         previous: None,
-        duration_ms: 61_000,
-        started_at: Some(started),
+        duration_ms,
     };
 
-    // The agent began at once; its failure comes in after the retry.
+    // The agent began at once and ran 61 s; its failure comes in just after the retry.
     let mut r = hosts_a_and_b(1, 0, now);
     let sent = r.tick(now);
     let later = now + Duration::seconds(61);
@@ -359,7 +354,7 @@ fn a_failure_from_before_a_retry_gets_the_host_a_new_command() {
     assert_eq!(r.state, RolloutState::Halted);
     let again = r.retry(later).unwrap();
     assert_eq!(again[0].command, sent[0].command);
-    assert!(r.record(&failed(sent[0].command, now), later));
+    assert!(r.record(&failed(sent[0].command, 61_000), later));
     let fresh = r.tick(later);
     assert_eq!(fresh.len(), 1, "a new command for the host");
     assert!(!fresh[0].resend);
@@ -368,19 +363,30 @@ fn a_failure_from_before_a_retry_gets_the_host_a_new_command() {
     assert_eq!(r.hosts[0].attempts, 2);
     // The old command's result again (the agent answering the re-sent copy from its
     // journal) changes nothing.
-    assert!(!r.record(&failed(sent[0].command, now), later));
+    assert!(!r.record(&failed(sent[0].command, 61_000), later));
 
-    // The agent was down and began only when the retry's copy reached it: that failure is
-    // the retry's own, and the host fails.
+    // The agent was down and began only when the retry's copy reached it (a 3 s run
+    // reported 5 s after the retry): that failure is the retry's own, and the host fails.
     let mut r = hosts_a_and_b(1, 0, now);
     let sent = r.tick(now);
     assert!(r.tick(later).is_empty());
     r.retry(later).unwrap();
-    let began = later + Duration::seconds(2);
-    assert!(r.record(&failed(sent[0].command, began), began));
-    assert!(r.tick(began).is_empty());
+    let reported = later + Duration::seconds(5);
+    assert!(r.record(&failed(sent[0].command, 3_000), reported));
+    assert!(r.tick(reported).is_empty());
     assert_eq!(r.hosts[0].state, HostState::Failed);
     assert_eq!(r.state, RolloutState::Halted);
+
+    // Aborted after the retry: the old failure is only recorded; nothing is planned.
+    let mut r = hosts_a_and_b(1, 0, now);
+    let sent = r.tick(now);
+    assert!(r.tick(later).is_empty());
+    r.retry(later).unwrap();
+    r.abort(RolloutState::Aborted, "test".into(), later)
+        .unwrap();
+    assert!(r.record(&failed(sent[0].command, 61_000), later));
+    assert_eq!(r.hosts[0].state, HostState::Failed);
+    assert!(r.tick(later).is_empty());
 }
 
 /// A rollout the conductor held (a paused start) and then lets go: a host still waiting on

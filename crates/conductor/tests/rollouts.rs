@@ -307,7 +307,7 @@ async fn a_retry_is_not_undone_by_the_late_failure_of_the_attempt_it_replaces() 
     .await?;
     fleet.start_with("v1").await?;
     fleet.hosts[1].freeze_next_build()?;
-    let id = fleet.deploy("v1", "prod", json!({ "batches": 1, "host_deadline_s": 4 }))?;
+    let id = fleet.deploy("v1", "prod", json!({ "batches": 1, "host_deadline_s": 8 }))?;
     let r = fleet
         .wait_state(id, &["halted"], Duration::from_secs(60))
         .await?;
