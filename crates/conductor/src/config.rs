@@ -215,6 +215,10 @@ pub enum GateConfig {
 /// Commands are valid for the host deadline; agents accept at most a week.
 pub const MAX_HOST_DEADLINE_S: u64 = 7 * 24 * 3600;
 
+/// The longest pause between batches: a week (a longer one is a typo, and would stall the
+/// rollout for good; `convoy pause` holds a rollout as long as wanted).
+pub const MAX_PAUSE_S: u64 = 7 * 24 * 3600;
+
 fn default_tests_timeout() -> u64 {
     1800
 }
@@ -322,6 +326,9 @@ impl Config {
                     bail!(
                         "{key}.strategy.host_deadline_s must be between 1 and {MAX_HOST_DEADLINE_S}"
                     );
+                }
+                if stage.strategy.pause_s > MAX_PAUSE_S {
+                    bail!("{key}.strategy.pause_s must be at most {MAX_PAUSE_S} (a week)");
                 }
                 if let GateConfig::Tests { command, .. } = &stage.gate
                     && command.is_empty()

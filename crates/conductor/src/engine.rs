@@ -287,6 +287,12 @@ impl StrategyOverrides {
             s.host_deadline_s = d;
         }
         if let Some(p) = self.pause_s {
+            if p > crate::config::MAX_PAUSE_S {
+                return Err(RequestError::Invalid(format!(
+                    "pause_s must be at most {} (a week); `convoy pause` holds a rollout longer",
+                    crate::config::MAX_PAUSE_S
+                )));
+            }
             s.pause_s = p;
         }
         if let Some(f) = self.on_failure {

@@ -379,6 +379,15 @@ async fn requests_are_checked_tokens_roles_and_names() -> anyhow::Result<()> {
         &json!({ "app": "web", "stage": "prod", "ref": "../../etc", "commit": "x" }),
     )?;
     assert!(status == 422, "{status} {v}");
+    // A pause between batches of 31,700 years is a typo, not a plan.
+    let (status, v) = fleet.post_as(
+        common::DEPLOYER_TOKEN,
+        "/api/rollouts",
+        &json!({ "app": "web", "stage": "prod", "ref": "v1",
+                 "strategy": { "pause_s": 1_000_000_000_000u64 } }),
+    )?;
+    assert_eq!(status, 422, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("pause_s"), "{v}");
     let (status, _) = fleet.post_as(
         common::DEPLOYER_TOKEN,
         "/api/rollouts",

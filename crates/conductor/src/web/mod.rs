@@ -238,10 +238,22 @@ impl User {
     }
 }
 
-/// Where to go after logging in: only a path on this site.
+/// Password checks running at once (each takes argon2's 19 MiB).
+static PASSWORD_CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Where to go after logging in: only a path on this site. Browsers drop tabs and line
+/// breaks from a URL (`/\t/evil.example` becomes `//evil.example`, another site), and a
+/// header cannot carry control characters: only printable ASCII is kept.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && n.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            n.to_owned()
+        }
         _ => "/".to_owned(),
     }
 }
@@ -294,6 +306,11 @@ async fn login(
     }
     let users = s.api.shared.config.users.clone();
     let (name, password) = (f.user.clone(), f.password);
+    // A password check costs argon2's memory (19 MiB) and a core for a moment: a flood of
+    // logins waits its turn instead of taking the machine's memory.
+    let Ok(_turn) = PASSWORD_CHECKS.acquire().await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    };
     let role =
         tokio::task::spawn_blocking(move || session::check_password(&users, &name, &password))
             .await
@@ -846,4 +863,30 @@ async fn dead_letters(
 /// The live stream for the pages (the same events as `/api/events`, with the session).
 async fn events(State(s): State<Arc<WebState>>, User(_): User) -> Response {
     crate::api::live_events(&s.api.shared)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_next;
+
+    #[test]
+    fn after_login_only_a_path_of_this_site() {
+        for ok in ["/", "/rollouts/3", "/hosts?stale=1"] {
+            assert_eq!(safe_next(Some(ok)), ok);
+        }
+        for bad in [
+            "https://evil.example/",
+            "//evil.example",
+            "/\\evil.example",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/\r\nSet-Cookie: x=1",
+            "/ /evil.example",
+            "/é",
+            "",
+        ] {
+            assert_eq!(safe_next(Some(bad)), "/", "{bad:?}");
+        }
+        assert_eq!(safe_next(None), "/");
+    }
 }
