@@ -147,6 +147,25 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
+type PathResult<T> = Result<Path<T>, axum::extract::rejection::PathRejection>;
+type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+type JsonResult<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
+/// A request's path, query or body that did not parse: a 400 saying what, as JSON like
+/// every other error. Handlers take them as `Result`s and check the caller first, so a
+/// caller without a token learns 401, not how the request was wrong.
+fn malformed<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> ApiError {
+    move |e| ApiError(StatusCode::BAD_REQUEST, format!("{what}: {e}"))
+}
+
+/// Any other `/api/…` path: a 404 in JSON naming the reference.
+async fn no_such_route(uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no API route {} (see docs/api.md)", uri.path()),
+    )
+}
+
 /// The API routes (the web pages are added beside them).
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
@@ -169,6 +188,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/dead-letters/clear", post(clear_dead_letters))
         .route("/api/dead-letters/{id}", get(dead_letter))
         .route("/api/events", get(events))
+        .route("/api/{*rest}", axum::routing::any(no_such_route))
         .with_state(state)
 }
 
@@ -274,9 +294,16 @@ async fn hosts(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> ApiResult 
 async fn inventory(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    Path(host): Path<String>,
+    path: PathResult<String>,
 ) -> ApiResult {
     s.caller(&headers)?;
+    let Path(host) = path.map_err(malformed("the host in the path"))?;
+    if HostName::new(&host).is_err() {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{host:?} is not a host name (letters, digits, '.', '-', '_')"),
+        ));
+    }
     let (answer, pending, refused) = HostName::new(&host)
         .map(|h| s.shared.inventory_of(&h))
         .unwrap_or_default();
@@ -302,9 +329,10 @@ async fn inventory(
 async fn ask_inventory(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    Path(host): Path<String>,
+    path: PathResult<String>,
 ) -> Result<Response, ApiError> {
     let (user, _) = s.caller(&headers)?;
+    let Path(host) = path.map_err(malformed("the host in the path"))?;
     let v = s.ask(Request::Inventory { host }, user).await?;
     Ok((StatusCode::ACCEPTED, Json(v)).into_response())
 }
@@ -320,9 +348,10 @@ struct HistoryParams {
 async fn history(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    Query(q): Query<HistoryParams>,
+    query: QueryResult<HistoryParams>,
 ) -> ApiResult {
     s.caller(&headers)?;
+    let Query(q) = query.map_err(malformed("the query (app, stage, host, limit)"))?;
     let query = HistoryQuery {
         app: q.app,
         stage: q.stage,
@@ -341,9 +370,10 @@ async fn history(
 async fn rollout(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    Path(id): Path<i64>,
+    path: PathResult<i64>,
 ) -> ApiResult {
     s.caller(&headers)?;
+    let Path(id) = path.map_err(malformed("the rollout id in the path"))?;
     let r = s
         .read(|st| st.rollout(id))?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("there is no rollout {id}")))?;
@@ -356,7 +386,7 @@ async fn rollout(
 async fn deploy(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    body: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>,
+    body: JsonResult<DeployRequest>,
 ) -> Result<Response, ApiError> {
     let plan_only_caller = s.caller(&headers)?;
     let Json(req) = body.map_err(|e| {
@@ -383,9 +413,10 @@ async fn deploy(
 async fn act(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    Path((id, action)): Path<(i64, String)>,
+    path: PathResult<(i64, String)>,
 ) -> ApiResult {
     let user = s.deployer(&headers)?;
+    let Path((id, action)) = path.map_err(malformed("the rollout id in the path"))?;
     let request =
         Request::rollout_action(id, &action).map_err(|e| ApiError(StatusCode::NOT_FOUND, e))?;
     Ok(Json(s.ask(request, user).await?))
@@ -394,9 +425,10 @@ async fn act(
 async fn rollback(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    Path((app, stage)): Path<(String, String)>,
+    path: PathResult<(String, String)>,
 ) -> Result<Response, ApiError> {
     let user = s.deployer(&headers)?;
+    let Path((app, stage)) = path.map_err(malformed("the app and stage in the path"))?;
     let v = s.ask(Request::Rollback { app, stage }, user).await?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
@@ -410,11 +442,21 @@ struct PromoteBody {
 async fn promote(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    Path(app): Path<String>,
-    body: Option<Json<PromoteBody>>,
+    path: PathResult<String>,
+    body: JsonResult<PromoteBody>,
 ) -> ApiResult {
     let user = s.deployer(&headers)?;
-    let stage = body.and_then(|Json(b)| b.stage);
+    let Path(app) = path.map_err(malformed("the app in the path"))?;
+    // No body at all is fine (the first stage waiting is promoted).
+    let stage = match body {
+        Ok(Json(b)) => b.stage,
+        Err(axum::extract::rejection::JsonRejection::MissingJsonContentType(_)) => None,
+        Err(e) => {
+            return Err(malformed("a promote request ({\"stage\": NAME} or none)")(
+                e,
+            ));
+        }
+    };
     Ok(Json(s.ask(Request::Promote { app, stage }, user).await?))
 }
 
@@ -427,9 +469,10 @@ struct PipelineParams {
 async fn pipelines(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    Query(q): Query<PipelineParams>,
+    query: QueryResult<PipelineParams>,
 ) -> ApiResult {
     s.caller(&headers)?;
+    let Query(q) = query.map_err(malformed("the query (app, limit)"))?;
     let list = s.read(|st| st.pipelines(q.app.as_deref(), q.limit.unwrap_or(20)))?;
     Ok(Json(json!(list)))
 }
@@ -450,9 +493,10 @@ struct DeadLetterParams {
 async fn dead_letters(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    Query(q): Query<DeadLetterParams>,
+    query: QueryResult<DeadLetterParams>,
 ) -> ApiResult {
     s.caller(&headers)?;
+    let Query(q) = query.map_err(malformed("the query (reason, limit)"))?;
     let reason = q.reason.filter(|r| !r.trim().is_empty());
     let (letters, counts) =
         s.read(|st| st.dead_letters(reason.as_deref(), q.limit.unwrap_or(50)))?;
@@ -469,9 +513,10 @@ async fn dead_letters(
 async fn dead_letter(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    Path(id): Path<i64>,
+    path: PathResult<i64>,
 ) -> ApiResult {
     s.caller(&headers)?;
+    let Path(id) = path.map_err(malformed("the dead letter id in the path"))?;
     let letter = s.read(|st| st.dead_letter(id))?.ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
@@ -492,7 +537,7 @@ struct ClearBody {
 async fn clear_dead_letters(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
-    body: Result<Json<ClearBody>, axum::extract::rejection::JsonRejection>,
+    body: JsonResult<ClearBody>,
 ) -> ApiResult {
     let user = s.deployer(&headers)?;
     let Json(b) = body.map_err(|e| {

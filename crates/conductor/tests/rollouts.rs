@@ -379,6 +379,26 @@ async fn requests_are_checked_tokens_roles_and_names() -> anyhow::Result<()> {
         &json!({ "app": "web", "stage": "prod", "ref": "../../etc", "commit": "x" }),
     )?;
     assert!(status == 422, "{status} {v}");
+    // What does not parse is a 400 in JSON saying what — after the caller is checked; an
+    // unknown route a 404 in JSON.
+    let deployer = common::DEPLOYER_TOKEN;
+    for (token, path, want) in [
+        (deployer, "/api/rollouts/abc", 400),
+        ("", "/api/rollouts/abc", 401),
+        (deployer, "/api/rollouts?limit=-1", 400),
+        (deployer, "/api/dead-letters/x", 400),
+        (deployer, "/api/no-such-thing", 404),
+        (deployer, "/api/hosts/bad%20name/inventory", 422),
+    ] {
+        let (status, v) = fleet.get_as(token, path)?;
+        assert_eq!(status, want, "GET {path}: {v}");
+        assert!(v["error"].is_string(), "GET {path}: not a JSON error: {v}");
+    }
+    let (status, v) = fleet.post_as("nobody", "/api/apps/web/promote", &json!({ "x": 1 }))?;
+    assert_eq!(status, 401, "the token is checked before the body: {v}");
+    let (status, v) = fleet.post_as(deployer, "/api/apps/web/promote", &json!({ "x": 1 }))?;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("promote"), "{v}");
     // A pause between batches of 31,700 years is a typo, not a plan.
     let (status, v) = fleet.post_as(
         common::DEPLOYER_TOKEN,

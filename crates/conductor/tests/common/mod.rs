@@ -492,6 +492,22 @@ impl Fleet {
     }
 
     /// POST with a token; returns (status, body).
+    /// GET `path` with `token` (none when empty): the status and the JSON body (or
+    /// `{"raw": text}`).
+    pub fn get_as(&self, token: &str, path: &str) -> anyhow::Result<(u16, Value)> {
+        let mut req = self.http.get(&format!("{}{path}", self.url()));
+        if !token.is_empty() {
+            req = req.header("Authorization", format!("Bearer {token}"));
+        }
+        let mut resp = req.call()?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string()?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(json!({ "raw": text })),
+        ))
+    }
+
     pub fn post_as(&self, token: &str, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
         let mut resp = self
             .http
