@@ -463,7 +463,7 @@ pub struct DeployFields {
     pub host_deadline_s: Option<String>,
     #[serde(default)]
     pub csrf: Option<String>,
-    /// `preview` or `deploy`.
+    /// `preview`, `deploy`, or `refs` (the form again for another app or stage).
     #[serde(default)]
     pub action: Option<String>,
     /// The checkbox "then carry it through the later stages' gates".
@@ -650,12 +650,20 @@ async fn deploy(
 ) -> Result<Response, WebError> {
     user.check_csrf(f.csrf.as_deref())?;
     let u = &user.0;
+    let choices = deploy_choices(&s, &f).map_err(|e| e.for_user(u))?;
+    let config = &s.api.shared.config;
+    // Without scripts, "Show refs" posts the form (a GET would put the CSRF token in the
+    // URL, where history and proxies keep it): the form again, for the app and stage chosen.
+    if f.action.as_deref() == Some("refs") {
+        return Ok(html(
+            StatusCode::OK,
+            pages::deploy(u, config, &choices, &f, None, None),
+        ));
+    }
     let preview = f.action.as_deref() == Some("preview");
     if !preview {
         user.deployer()?;
     }
-    let choices = deploy_choices(&s, &f).map_err(|e| e.for_user(u))?;
-    let config = &s.api.shared.config;
     let refuse = |status: StatusCode, msg: String| {
         html(
             status,

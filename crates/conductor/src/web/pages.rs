@@ -602,7 +602,7 @@ pub fn deploy(
                     }
                 }
                 div.nojs {
-                    button type="submit" formmethod="get" formaction="/deploy" { "Show refs for this app and stage" }
+                    button type="submit" name="action" value="refs" formnovalidate { "Show refs for this app and stage" }
                 }
             }
             p.muted {

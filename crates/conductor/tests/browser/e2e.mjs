@@ -219,6 +219,23 @@ try {
   expect(wrongCsrf.status() === 403, `403 with a forged CSRF token, got ${wrongCsrf.status()}`);
   result.csrf_refused = [noCsrf.status(), wrongCsrf.status()];
 
+  step = "without scripts, Show refs posts the form: no CSRF token in a URL";
+  const nojs = await browser.newContext({
+    viewport: { width: 1280, height: 900 },
+    javaScriptEnabled: false,
+    storageState: await ctx.storageState(),
+  });
+  const plain = await nojs.newPage();
+  await plain.goto(`${url}/deploy?app=web&stage=staging`);
+  await plain.selectOption("#stage", "prod");
+  await Promise.all([plain.waitForNavigation(), plain.click("div.nojs button")]);
+  const shown = new URL(plain.url());
+  expect(shown.pathname === "/deploy" && !shown.search.includes("csrf"), `no token in the URL: ${plain.url()}`);
+  expect((await plain.$eval("#stage", (s) => s.value)) === "prod", "the form is shown for the stage chosen");
+  const prodRefs = await plain.$$eval("#ref option", (os) => os.map((o) => o.value));
+  expect(prodRefs.includes("refs/tags/v2"), `prod's refs offered: ${prodRefs}`);
+  await nojs.close();
+
   step = "pages are small and keyboard-usable";
   const sizes = {};
   for (const p of ["/", "/deploy", `/rollouts/${result.first_rollout}`, `/hosts/${prodHosts[0]}`, "/history", "/audit", "/dead-letters", "/static/app.css", "/static/app.js"]) {
