@@ -440,6 +440,19 @@ impl<'a> Run<'a> {
     }
 
     async fn deploy(&mut self, spec: &DeploySpec, app: &AppConfig, root: &AppRoot) -> End {
+        // The app's code comes from the app's own repository: a command naming another
+        // mirror on this host is refused, however it was signed.
+        let repo = self.ctx.config.repo_of(spec.app.as_str());
+        if repo.as_deref() != Some(spec.repo.as_str()) {
+            return End::refused(format!(
+                "the command takes app {} from repository {}, but this host's apps.{}.repo is {}                  (default: the app's name): set it in agent.toml if {} is right",
+                spec.app,
+                spec.repo,
+                spec.app,
+                repo.as_deref().unwrap_or("unset"),
+                spec.repo
+            ));
+        }
         let release = spec.release.clone();
         let current = root.current().ok().flatten();
         self.progress.target = Some(release.clone());
@@ -703,7 +716,11 @@ impl<'a> Run<'a> {
     async fn revert(&mut self, app: &AppConfig, root: &AppRoot, reason: String) -> End {
         // Putting the previous release back runs to the end, deadline or not.
         self.cap = None;
-        let _ = self.save(Phase::Revert);
+        // Should this entry not be saved (a full disk), recovery still knows a revert by
+        // `current` being back on the release before this command (`converge`).
+        if !self.ctx.faults.is("revert_unjournaled") {
+            let _ = self.save(Phase::Revert);
+        }
         let Some(before) = self.progress.current_before.clone() else {
             return End::failed(format!(
                 "{reason}; this was the app's first release, so there is nothing to switch back to"
@@ -733,6 +750,7 @@ impl<'a> Run<'a> {
             started.elapsed(),
             format!("current is {before} again"),
         );
+        self.ctx.faults.hit("revert_unjournaled");
         let restarted = self
             .hook(
                 Step::Restart,
@@ -776,6 +794,17 @@ impl<'a> Run<'a> {
             Phase::Switch if !switched => {
                 let _ = root.set_previous(self.progress.previous_before.as_ref());
                 self.abandon(root, interrupted)
+            }
+            Phase::Switched | Phase::Restart | Phase::Health | Phase::PostSwitch
+                if !switched
+                    && self.progress.current_before.is_some()
+                    && root.current().ok().flatten() == self.progress.current_before =>
+            {
+                // current is back on the release before this command though the journal
+                // never said Revert (that entry could not be saved: a full disk): a revert
+                // cut short, perhaps before the previous release was restarted. Finish it.
+                self.revert(app, root, format!("{interrupted}, after the switch"))
+                    .await
             }
             Phase::Switch
             | Phase::Switched

@@ -215,3 +215,60 @@ async fn killed_during_the_build_hook() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// A failed health check switches back; the journal cannot record the revert (a full disk)
+/// and the agent dies before the previous release is restarted. After a restart the agent
+/// finishes that revert — restarts r1 — rather than taking `current` on r1 for somebody
+/// else's doing and leaving r1 stopped.
+#[tokio::test]
+async fn killed_during_a_revert_the_journal_could_not_record() -> anyhow::Result<()> {
+    let mut h = Host::with_extra(
+        "[apps.web.health]\ncommand = \"test -f healthy\"\ninterval_ms = 100\ndeadline_s = 1\n",
+    )
+    .await?;
+    h.start_agent(&[])?;
+    let mut results = h.results_tap().await?;
+    h.deploy_ok(&mut results, "v1", "r1").await?;
+    h.agent.take();
+
+    // v2 has no `healthy` file: its health check fails and the agent switches back.
+    convoy_testkit::git::git(&h.work, &["rm", "-q", "healthy"])?;
+    h.release("v2", "app.txt", "v2\n")?;
+    h.start_agent(&[("CONVOY_FAULT", "revert_unjournaled")])?;
+    let cmd = h.command(h.deploy_action("v2", "r2")?);
+    h.order(&cmd).await?;
+    let agent = h.agent.as_mut().expect("agent");
+    let status = agent.wait(Duration::from_secs(30)).await?;
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the agent died in the revert"
+    );
+    assert_eq!(h.current().as_deref(), Some("releases/r1"), "switched back");
+    let restarts_of_r1 = |h: &Host| {
+        h.hook_lines()
+            .iter()
+            .filter(|l| l.starts_with("restart r1 "))
+            .count()
+    };
+    assert_eq!(
+        restarts_of_r1(&h),
+        1,
+        "r1 not restarted since its own deploy: {:?}",
+        h.hook_lines()
+    );
+
+    h.start_agent(&[])?;
+    let found = all_results(&mut results, cmd.id).await?;
+    assert_eq!(found.len(), 1, "exactly one result: {found:?}");
+    assert_eq!(found[0].outcome, DeployOutcome::Failed);
+    assert!(found[0].rolled_back, "{:?}", found[0].error);
+    assert_complete_current(&h, "releases/r1");
+    let lines = h.hook_lines();
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with("restart r1 ")),
+        "the previous release was restarted: {lines:?}"
+    );
+    assert_eq!(restarts_of_r1(&h), 2, "once by the revert: {lines:?}");
+    Ok(())
+}

@@ -251,3 +251,33 @@ async fn two_agents_for_one_host_deploy_each_command_once() -> anyhow::Result<()
     drop(first);
     Ok(())
 }
+
+/// A signed deploy of app `web` from another repository on the host is refused: an app's
+/// code comes only from its configured repository.
+#[tokio::test]
+async fn a_deploy_from_another_repository_than_the_apps_is_refused() -> anyhow::Result<()> {
+    let mut h = Host::new().await?;
+    h.start_agent(&[])?;
+    let mut results = h.results_tap().await?;
+    h.deploy_ok(&mut results, "v1", "r1").await?;
+    h.release("v2", "app.txt", "v2\n")?;
+    let mut action = h.deploy_action("v2", "r2")?;
+    if let convoy_message::Action::Deploy(spec) = &mut action {
+        spec.repo = convoy_message::names::Name::new("other")?;
+    }
+    let cmd = h.command(action);
+    h.order(&cmd).await?;
+    let r = next_result(&mut results, cmd.id).await?;
+    assert_eq!(r.outcome, DeployOutcome::Refused, "{r:?}");
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("apps.web.repo is web"),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(h.current().as_deref(), Some("releases/r1"));
+    assert!(!h.root.join("releases/r2").exists());
+    Ok(())
+}

@@ -174,9 +174,15 @@ impl AppRoot {
         fsync_dir(&self.root)
     }
 
-    /// Writes the marker that makes release `info.release` complete.
+    /// Writes the marker that makes release `info.release` complete — once the release's
+    /// own files are on disk: a power cut must not leave a marked release whose files are
+    /// empty (exports and builds write without syncing; one `syncfs` of the release's
+    /// filesystem then covers them all, cheaper than a sync per file).
     pub fn mark_complete(&self, info: &ReleaseInfo) -> Result<(), LayoutError> {
         let dir = self.release_dir(&info.release);
+        fs::File::open(&dir)
+            .and_then(|d| nix::unistd::syncfs(&d).map_err(io::Error::from))
+            .map_err(io_err(&dir))?;
         let bytes = serde_json::to_vec_pretty(info).unwrap_or_default();
         write_atomic(&dir.join(MARKER), &bytes)
     }
