@@ -41,15 +41,8 @@ fn assert_complete_current(h: &Host, expected: &str) {
     );
 }
 
-/// Deploys v1 as r1, then v2 as r2 with the agent dying at `fault`; restarts it.
-async fn crash_at(fault: &str) -> anyhow::Result<(Host, Vec<DeployResult>)> {
-    let mut h = Host::new().await?;
-    h.start_agent(&[])?;
-    let mut results = h.results_tap().await?;
-    h.deploy_ok(&mut results, "v1", "r1").await?;
-    h.agent.take();
-
-    h.release("v2", "app.txt", "v2\n")?;
+/// Starts the agent with `fault`, orders v2 as r2, and waits for the agent to kill itself.
+async fn deploy_v2_dying_at(h: &mut Host, fault: &str) -> anyhow::Result<convoy_message::Command> {
     h.start_agent(&[("CONVOY_FAULT", fault)])?;
     let cmd = h.command(h.deploy_action("v2", "r2")?);
     h.order(&cmd).await?;
@@ -60,6 +53,19 @@ async fn crash_at(fault: &str) -> anyhow::Result<(Host, Vec<DeployResult>)> {
         Some(9),
         "the agent died at {fault}"
     );
+    Ok(cmd)
+}
+
+/// Deploys v1 as r1, then v2 as r2 with the agent dying at `fault`; restarts it.
+async fn crash_at(fault: &str) -> anyhow::Result<(Host, Vec<DeployResult>)> {
+    let mut h = Host::new().await?;
+    h.start_agent(&[])?;
+    let mut results = h.results_tap().await?;
+    h.deploy_ok(&mut results, "v1", "r1").await?;
+    h.agent.take();
+
+    h.release("v2", "app.txt", "v2\n")?;
+    let cmd = deploy_v2_dying_at(&mut h, fault).await?;
     h.start_agent(&[])?;
     let found = all_results(&mut results, cmd.id).await?;
     Ok((h, found))
@@ -222,10 +228,7 @@ async fn killed_during_the_build_hook() -> anyhow::Result<()> {
 /// else's doing and leaving r1 stopped.
 #[tokio::test]
 async fn killed_during_a_revert_the_journal_could_not_record() -> anyhow::Result<()> {
-    let mut h = Host::with_extra(
-        "[apps.web.health]\ncommand = \"test -f healthy\"\ninterval_ms = 100\ndeadline_s = 1\n",
-    )
-    .await?;
+    let mut h = Host::with_extra(common::HEALTHY_FILE_CHECK).await?;
     h.start_agent(&[])?;
     let mut results = h.results_tap().await?;
     h.deploy_ok(&mut results, "v1", "r1").await?;
@@ -234,16 +237,7 @@ async fn killed_during_a_revert_the_journal_could_not_record() -> anyhow::Result
     // v2 has no `healthy` file: its health check fails and the agent switches back.
     convoy_testkit::git::git(&h.work, &["rm", "-q", "healthy"])?;
     h.release("v2", "app.txt", "v2\n")?;
-    h.start_agent(&[("CONVOY_FAULT", "revert_unjournaled")])?;
-    let cmd = h.command(h.deploy_action("v2", "r2")?);
-    h.order(&cmd).await?;
-    let agent = h.agent.as_mut().expect("agent");
-    let status = agent.wait(Duration::from_secs(30)).await?;
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(9),
-        "the agent died in the revert"
-    );
+    let cmd = deploy_v2_dying_at(&mut h, "revert_unjournaled").await?;
     assert_eq!(h.current().as_deref(), Some("releases/r1"), "switched back");
     let restarts_of_r1 = |h: &Host| {
         h.hook_lines()

@@ -85,10 +85,7 @@ async fn a_tag_is_deployed_hooks_run_in_order_and_a_redelivery_changes_nothing()
 
 #[tokio::test]
 async fn a_failing_health_check_switches_back_to_the_previous_release() -> anyhow::Result<()> {
-    let mut h = Host::with_extra(
-        "[apps.web.health]\ncommand = \"test -f healthy\"\ninterval_ms = 100\ndeadline_s = 1\n",
-    )
-    .await?;
+    let mut h = Host::with_extra(common::HEALTHY_FILE_CHECK).await?;
     h.start_agent(&[])?;
     let mut results = h.results_tap().await?;
     h.deploy_ok(&mut results, "v1", "r1").await?;

@@ -8,6 +8,27 @@ use common::{Host, next_result};
 use convoy_message::{Body, DeployOutcome, KeyPair, Message};
 use std::time::Duration;
 
+/// Orders `cmd` (a deploy of r2 over r1) and checks it is refused with `why`, r1 still
+/// current and no r2 on disk.
+async fn refused_leaving_r1(
+    h: &Host,
+    results: &mut convoy_testkit::Tap,
+    cmd: &convoy_message::Command,
+    why: &str,
+) -> anyhow::Result<()> {
+    h.order(cmd).await?;
+    let r = next_result(results, cmd.id).await?;
+    assert_eq!(r.outcome, DeployOutcome::Refused, "{r:?}");
+    assert!(
+        r.error.as_deref().unwrap_or("").contains(why),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(h.current().as_deref(), Some("releases/r1"));
+    assert!(!h.root.join("releases/r2").exists());
+    Ok(())
+}
+
 fn snapshot(h: &Host) -> Vec<String> {
     let mut names: Vec<String> = walk(&h.root);
     names.sort();
@@ -132,19 +153,7 @@ async fn a_tag_moved_after_signing_is_refused() -> anyhow::Result<()> {
             "+refs/tags/*:refs/tags/*",
         ],
     )?;
-    h.order(&cmd).await?;
-    let r = next_result(&mut results, cmd.id).await?;
-    assert_eq!(r.outcome, DeployOutcome::Refused, "{r:?}");
-    assert!(
-        r.error
-            .as_deref()
-            .unwrap_or("")
-            .contains("not to the signed commit"),
-        "{:?}",
-        r.error
-    );
-    assert_eq!(h.current().as_deref(), Some("releases/r1"));
-    assert!(!h.root.join("releases/r2").exists());
+    refused_leaving_r1(&h, &mut results, &cmd, "not to the signed commit").await?;
     let letter = dead.next(Duration::from_secs(10)).await?;
     assert_eq!(letter.header("x-convoy-reason"), Some("ref_moved"));
     Ok(())
@@ -266,18 +275,5 @@ async fn a_deploy_from_another_repository_than_the_apps_is_refused() -> anyhow::
         spec.repo = convoy_message::names::Name::new("other")?;
     }
     let cmd = h.command(action);
-    h.order(&cmd).await?;
-    let r = next_result(&mut results, cmd.id).await?;
-    assert_eq!(r.outcome, DeployOutcome::Refused, "{r:?}");
-    assert!(
-        r.error
-            .as_deref()
-            .unwrap_or("")
-            .contains("apps.web.repo is web"),
-        "{:?}",
-        r.error
-    );
-    assert_eq!(h.current().as_deref(), Some("releases/r1"));
-    assert!(!h.root.join("releases/r2").exists());
-    Ok(())
+    refused_leaving_r1(&h, &mut results, &cmd, "apps.web.repo is web").await
 }

@@ -29,6 +29,11 @@ pub struct Host {
 }
 
 /// The default hooks: each appends `<step> <release> <commit> <ref> <app> <host>` to hooks.log.
+/// A health check passing while the release has a file `healthy` (v1 has one; remove it
+/// from the work tree to make the next release unhealthy).
+pub const HEALTHY_FILE_CHECK: &str =
+    "[apps.web.health]\ncommand = \"test -f healthy\"\ninterval_ms = 100\ndeadline_s = 1\n";
+
 pub fn recording_hooks(log: &Path) -> String {
     let line = |step: &str| {
         format!(
