@@ -423,6 +423,10 @@ impl CommandVerifier {
                 ),
             ));
         }
+        check_label("issuer", &command.issuer)?;
+        if let Some(rollout) = &command.rollout {
+            check_label("rollout", rollout)?;
+        }
         Ok(command)
     }
 
@@ -464,6 +468,19 @@ impl CommandVerifier {
         }
         Ok(())
     }
+}
+
+/// A free-text field of a command that reaches hooks as an environment variable (`issuer`,
+/// `rollout`): at most 256 bytes, no control characters (a NUL would keep every hook from
+/// starting, the revert's restart included).
+fn check_label(field: &str, value: &str) -> Result<(), Rejection> {
+    if value.len() > 256 || value.chars().any(char::is_control) {
+        return Err(Rejection::new(
+            RejectionCode::InvalidField,
+            format!("{field}: at most 256 bytes without control characters"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -544,6 +561,22 @@ mod tests {
         let mut msg = key.command_message("x", &command("web1", 60));
         msg.id = Uuid::now_v7();
         assert_eq!(code(v.verify(&msg, now)), RejectionCode::InvalidField);
+    }
+
+    #[test]
+    fn free_text_that_would_reach_hooks_is_bounded() {
+        let key = KeyPair::generate("k").unwrap();
+        let v = verifier(&key, "web1");
+        for (issuer, rollout) in [("a\0b", None), ("alice", Some("x".repeat(300)))] {
+            let mut cmd = command("web1", 60);
+            cmd.issuer = issuer.into();
+            cmd.rollout = rollout;
+            let msg = key.command_message("x", &cmd);
+            assert_eq!(
+                code(v.verify(&msg, Utc::now())),
+                RejectionCode::InvalidField
+            );
+        }
     }
 
     #[test]
