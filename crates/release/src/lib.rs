@@ -53,6 +53,16 @@ pub enum LayoutError {
          the repository or change `shared`"
     )]
     SharedThroughLink { entry: String, path: PathBuf },
+    #[error(
+        "shared path {entry:?}: {path} is a symbolic link owned by uid {uid}, not root: it is \
+         not followed (the app's user could point it anywhere); replace it with a directory, \
+         or make it root's if an operator put it there"
+    )]
+    SharedDirIsLink {
+        entry: String,
+        path: PathBuf,
+        uid: u32,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LayoutError + '_ {
@@ -288,13 +298,38 @@ impl AppRoot {
     /// shared side (as a directory when the path ends with `/`, else its parent) if missing.
     pub fn link_shared(&self, id: &ReleaseId, shared: &[String]) -> Result<(), LayoutError> {
         let release = self.release_dir(id);
+        if !shared.is_empty() {
+            let top = self.shared_dir();
+            fs::create_dir_all(&top).map_err(io_err(&top))?;
+        }
         for entry in shared {
             let rel = check_shared_path(entry)?;
             let in_shared = self.shared_dir().join(&rel);
-            if entry.ends_with('/') {
-                fs::create_dir_all(&in_shared).map_err(io_err(&in_shared))?;
-            } else if let Some(parent) = in_shared.parent() {
-                fs::create_dir_all(parent).map_err(io_err(parent))?;
+            // Directories under shared/ may belong to the app's user, who could put a link
+            // where a directory was: a link is followed only if root (an operator: say
+            // `shared/log -> /var/log/shop`) or this process made it; anyone else's would
+            // make root create directories wherever it leads.
+            let dirs: Vec<_> = rel.components().collect();
+            let dirs = if entry.ends_with('/') {
+                &dirs[..]
+            } else {
+                &dirs[..dirs.len().saturating_sub(1)]
+            };
+            let mut dir = self.shared_dir();
+            use std::os::unix::fs::MetadataExt;
+            for c in dirs {
+                dir.push(c);
+                match fs::symlink_metadata(&dir) {
+                    Ok(m) if m.file_type().is_symlink() && !trusted_owner(m.uid()) => {
+                        return Err(LayoutError::SharedDirIsLink {
+                            entry: entry.clone(),
+                            path: dir,
+                            uid: m.uid(),
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => fs::create_dir(&dir).map_err(io_err(&dir))?,
+                }
             }
             let in_release = release.join(&rel);
             // The release holds what the commit holds: a directory of it may be a symbolic
@@ -385,6 +420,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
         return Err(io_err(path)(e));
     }
     fsync_dir(dir)
+}
+
+/// Whose symbolic links under `shared/` are followed: root's (an operator's) and this
+/// process's own.
+fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
 }
 
 /// fsync(2) of a directory, making renames and creations in it durable.
@@ -549,5 +590,62 @@ mod tests {
         );
         let left: Vec<_> = fs::read_dir(outside.path()).unwrap().flatten().collect();
         assert_eq!(left.len(), 1, "nothing created outside: {left:?}");
+    }
+
+    /// The app's user replaced a directory of `shared/` by a link elsewhere: convoy does not
+    /// follow it and creates nothing there. An operator's link (root's) is followed.
+    #[test]
+    fn a_shared_directory_replaced_by_someone_elses_link_is_not_followed() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = AppRoot::new(dir.path());
+        root.ensure_layout().unwrap();
+        make(&root, "r1", 1);
+        let link = root.shared_dir().join("log");
+        std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+        let me = nix::unistd::geteuid();
+        if me.is_root() {
+            // Made by the app's user (here: nobody).
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                &link,
+                Some(nix::unistd::Uid::from_raw(65534)),
+                None,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
+            for entry in ["log/app/", "log/app/file.txt", "log/"] {
+                let err = root
+                    .link_shared(&rid("r1"), &[entry.into()])
+                    .expect_err(entry);
+                assert!(
+                    matches!(err, LayoutError::SharedDirIsLink { uid: 65534, .. }),
+                    "{entry}: {err}"
+                );
+            }
+            let left: Vec<_> = fs::read_dir(outside.path()).unwrap().flatten().collect();
+            assert!(left.is_empty(), "nothing created outside: {left:?}");
+            // Root's (an operator's) link is followed.
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                &link,
+                Some(me),
+                None,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
+        }
+        assert_eq!(fs::symlink_metadata(&link).unwrap().uid(), me.as_raw());
+        root.link_shared(&rid("r1"), &["log/app/".into()]).unwrap();
+        assert!(
+            outside.path().join("app").is_dir(),
+            "through the trusted link"
+        );
+        // Real directories, nested ones included.
+        root.link_shared(&rid("r1"), &["data/a/b/".into(), "conf/x.yml".into()])
+            .unwrap();
+        assert!(root.shared_dir().join("data/a/b").is_dir());
+        assert!(root.shared_dir().join("conf").is_dir());
     }
 }
