@@ -442,15 +442,12 @@ impl<'a> Run<'a> {
     async fn deploy(&mut self, spec: &DeploySpec, app: &AppConfig, root: &AppRoot) -> End {
         // The app's code comes from the app's own repository: a command naming another
         // mirror on this host is refused, however it was signed.
-        let repo = self.ctx.config.repo_of(spec.app.as_str());
-        if repo.as_deref() != Some(spec.repo.as_str()) {
+        let repo = app.repo.as_deref().unwrap_or(spec.app.as_str());
+        if repo != spec.repo.as_str() {
             return End::refused(format!(
-                "the command takes app {} from repository {}, but this host's apps.{}.repo is {}                  (default: the app's name): set it in agent.toml if {} is right",
-                spec.app,
-                spec.repo,
-                spec.app,
-                repo.as_deref().unwrap_or("unset"),
-                spec.repo
+                "the command takes app {} from repository {}, but this host's apps.{}.repo is {} \
+                 (default: the app's name): set it in agent.toml if {} is right",
+                spec.app, spec.repo, spec.app, repo, spec.repo
             ));
         }
         let release = spec.release.clone();

@@ -171,7 +171,7 @@ fn plan(args: &SetupArgs) -> Result<Plan, BadUsage> {
         Some(names) => {
             let mut who = BTreeSet::new();
             for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
-                if ["conductor", "hook", "ci"].contains(&n) {
+                if roles.iter().any(|r| r.host_name().is_none() && r.kind() == n) {
                     who.insert(n.to_owned());
                     continue;
                 }
@@ -413,7 +413,10 @@ fn older_dead_queue_is_convoys(
     match before.queue(vhost, &name) {
         Some(q) if q.durable && serde_json::Value::Object(q.arguments.clone()) == earlier => Ok(()),
         found => anyhow::bail!(
-            "queue {name:?} in vhost {vhost:?} exists with other properties than convoy gives              it ({}), so it was left as it is and may drop or lose dead letters; read what              waits in it (`convoy dead-letters`), delete it (`rabbitmqctl delete_queue -p {vhost}              {name}`), and run `convoy bus setup` again",
+            "queue {name:?} in vhost {vhost:?} exists with other properties than convoy gives \
+             it ({}), so it was left as it is and may drop or lose dead letters; read what \
+             waits in it (`convoy dead-letters`), delete it (`rabbitmqctl delete_queue -p \
+             {vhost} {name}`), and run `convoy bus setup` again",
             match found {
                 Some(q) => format!(
                     "durable {}, arguments {}",

@@ -298,15 +298,13 @@ async fn inventory(
 ) -> ApiResult {
     s.caller(&headers)?;
     let Path(host) = path.map_err(malformed("the host in the path"))?;
-    if HostName::new(&host).is_err() {
+    let Ok(name) = HostName::new(&host) else {
         return Err(ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("{host:?} is not a host name (letters, digits, '.', '-', '_')"),
         ));
-    }
-    let (answer, pending, refused) = HostName::new(&host)
-        .map(|h| s.shared.inventory_of(&h))
-        .unwrap_or_default();
+    };
+    let (answer, pending, refused) = s.shared.inventory_of(&name);
     // The last question was refused outright: that is its answer.
     if let Some(refused) = refused {
         return Ok(Json(refused));

@@ -87,11 +87,12 @@ impl DeadLetter {
         let props = &delivery.properties;
         let headers = props.headers().clone().unwrap_or_default();
         let text = |name: &str| header_text(&headers, name);
+        let broker_reason = x_death(&headers, "reason");
         let reason = text("x-convoy-reason")
-            .or_else(|| x_death(&headers, "reason").map(|r| format!("broker:{r}")))
+            .or_else(|| broker_reason.as_ref().map(|r| format!("broker:{r}")))
             .unwrap_or_else(|| "unknown".into());
         let detail = text("x-convoy-detail")
-            .or_else(|| x_death(&headers, "reason").map(|r| broker_detail(&r)))
+            .or_else(|| broker_reason.as_deref().map(broker_detail))
             .unwrap_or_default();
         let data = &delivery.data;
         let text_of = |n: usize| String::from_utf8_lossy(&data[..data.len().min(n)]).into_owned();
@@ -335,9 +336,11 @@ mod tests {
         let mut store = Store::open(&dir.path().join("c.db")).unwrap();
         let added = store
             .write(|tx| {
-                let first = tx.insert_dead_letter(&letter(0), "d0")?;
-                let again = tx.insert_dead_letter(&letter(0), "d0")?;
-                Ok((first, again))
+                let ids = tx.insert_dead_letters(&[
+                    (letter(0), "d0".to_owned()),
+                    (letter(0), "d0".to_owned()),
+                ])?;
+                Ok((ids[0], ids[1]))
             })
             .unwrap();
         assert!(
@@ -347,10 +350,10 @@ mod tests {
 
         store
             .write(|tx| {
-                for n in 1..=DEAD_LETTERS_KEPT {
-                    tx.insert_dead_letter(&letter(n), &format!("d{n}"))?;
-                }
-                Ok(())
+                let letters: Vec<_> = (1..=DEAD_LETTERS_KEPT)
+                    .map(|n| (letter(n), format!("d{n}")))
+                    .collect();
+                tx.insert_dead_letters(&letters).map(drop)
             })
             .unwrap();
         let (newest, counts) = store.dead_letters(None, 10_000).unwrap();
@@ -391,7 +394,7 @@ mod tests {
         assert_eq!(store.write(|tx| tx.clear_dead_letters(None)).unwrap(), 100);
         // Numbers are never given again: an old `--clear-through` cannot reach new ones.
         store
-            .write(|tx| tx.insert_dead_letter(&letter(0), "after"))
+            .write(|tx| tx.insert_dead_letters(&[(letter(0), "after".to_owned())]))
             .unwrap();
         let (after, _) = store.dead_letters(None, 1).unwrap();
         assert!(after[0].id > newest, "{} after {newest}", after[0].id);

@@ -159,15 +159,30 @@ impl Shared {
     /// come, and whoever waits for one hears why.
     fn note_inventory_refused(&self, host: &HostName, command: Uuid, why: &str) {
         let view = json!({ "host": host, "command": command, "refused_at": now(), "refused": why });
+        self.settle_inventory(host, command, view, |inv, view| {
+            inv.refused.insert(host.clone(), view);
+        });
+    }
+
+    /// Ends the inventory question `command` this conductor asked `host`: `keep` records
+    /// `view`, which is then shown live. False, doing nothing, for any other command.
+    fn settle_inventory(
+        &self,
+        host: &HostName,
+        command: Uuid,
+        view: Value,
+        keep: impl FnOnce(&mut Inventories, Value),
+    ) -> bool {
         {
             let mut inv = self.inventories.lock().unwrap_or_else(|e| e.into_inner());
             if inv.asked.get(host).map(|(id, _)| *id) != Some(command) {
-                return;
+                return false;
             }
             inv.asked.remove(host);
-            inv.refused.insert(host.clone(), view.clone());
+            keep(&mut inv, view.clone());
         }
         self.emit("inventory", view);
+        true
     }
 
     /// Keeps a host's answer to the inventory this conductor asked it (the last one wins)
@@ -177,18 +192,14 @@ impl Shared {
             "host": report.host, "command": report.command_id, "received_at": now(),
             "apps": report.apps, "releases": report.releases,
         });
-        {
-            let mut inv = self.inventories.lock().unwrap_or_else(|e| e.into_inner());
-            if inv.asked.get(&report.host).map(|(id, _)| *id) != Some(report.command_id) {
-                tracing::info!(host = %report.host, command = %report.command_id,
-                    "an inventory report this conductor did not ask for (or asked before a restart); ignored");
-                return;
-            }
-            inv.asked.remove(&report.host);
+        let kept = self.settle_inventory(&report.host, report.command_id, view, |inv, view| {
             inv.refused.remove(&report.host);
-            inv.answers.insert(report.host.clone(), view.clone());
+            inv.answers.insert(report.host.clone(), view);
+        });
+        if !kept {
+            tracing::info!(host = %report.host, command = %report.command_id,
+                "an inventory report this conductor did not ask for (or asked before a restart); ignored");
         }
-        self.emit("inventory", view);
     }
 
     /// Remembers what a command in flight is doing now.
@@ -1541,12 +1552,7 @@ impl Engine {
 
     /// Keeps refused messages; true once they are in the store (then they may leave the queue).
     fn on_dead_letters(&mut self, letters: &[(DeadLetter, String)]) -> bool {
-        let kept = self.store.write(|tx| {
-            letters
-                .iter()
-                .map(|(letter, digest)| tx.insert_dead_letter(letter, digest))
-                .collect::<Result<Vec<_>, _>>()
-        });
+        let kept = self.store.write(|tx| tx.insert_dead_letters(letters));
         match kept {
             Ok(ids) => {
                 let new: Vec<(&DeadLetter, i64)> = letters

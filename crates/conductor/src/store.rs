@@ -577,9 +577,24 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Keeps one dead letter (a second copy, by digest, is ignored), and lets the oldest go
-    /// beyond [`DEAD_LETTERS_KEPT`]. Its number when it is new.
-    pub fn insert_dead_letter(&self, letter: &DeadLetter, digest: &str) -> Result<Option<i64>> {
+    /// Keeps dead letters (a second copy, by digest, is ignored), and lets the oldest go
+    /// beyond [`DEAD_LETTERS_KEPT`]. The number of each that is new.
+    pub fn insert_dead_letters(
+        &self,
+        letters: &[(DeadLetter, String)],
+    ) -> Result<Vec<Option<i64>>> {
+        let ids = letters
+            .iter()
+            .map(|(letter, digest)| self.insert_dead_letter(letter, digest))
+            .collect::<Result<Vec<_>>>()?;
+        self.exec(
+            "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?1",
+            [DEAD_LETTERS_KEPT],
+        )?;
+        Ok(ids)
+    }
+
+    fn insert_dead_letter(&self, letter: &DeadLetter, digest: &str) -> Result<Option<i64>> {
         let meta = DeadLetter {
             body: None,
             ..letter.clone()
@@ -592,12 +607,7 @@ impl Tx<'_> {
             "INSERT OR IGNORE INTO dead_letters (digest, reason, meta, body) VALUES (?1, ?2, ?3, ?4)",
             params![digest, letter.reason, meta, letter.body.as_deref().unwrap_or("")],
         )?;
-        let id = (added == 1).then(|| self.tx.last_insert_rowid());
-        self.exec(
-            "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?1",
-            [DEAD_LETTERS_KEPT],
-        )?;
-        Ok(id)
+        Ok((added == 1).then(|| self.tx.last_insert_rowid()))
     }
 
     /// Forgets the dead letters up to and including `through` (all with `None`); how many.
