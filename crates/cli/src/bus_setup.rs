@@ -171,7 +171,10 @@ fn plan(args: &SetupArgs) -> Result<Plan, BadUsage> {
         Some(names) => {
             let mut who = BTreeSet::new();
             for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
-                if roles.iter().any(|r| r.host_name().is_none() && r.kind() == n) {
+                if roles
+                    .iter()
+                    .any(|r| r.host_name().is_none() && r.kind() == n)
+                {
                     who.insert(n.to_owned());
                     continue;
                 }
